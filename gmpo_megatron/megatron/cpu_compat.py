@@ -362,6 +362,11 @@ def rewrite_function(module_name: str, qualname: str, replacements: list[tuple[s
     elif isinstance(raw, classmethod) and not isinstance(new, classmethod):
         new = classmethod(new)
     setattr(owner, name, new)
+    if not inspect.isclass(owner):  # rebind `from module import func` copies in other modules
+        for other in list(sys.modules.values()):
+            if other is not None and getattr(other, "__name__", "").startswith("megatron.core"):
+                if other.__dict__.get(name) is raw:
+                    setattr(other, name, new)
 
 
 def _apply_source_rewrites() -> None:

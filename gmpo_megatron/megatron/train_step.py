@@ -1,0 +1,237 @@
+"""One policy update through Megatron: micro-batches, the forward step, the loss, the schedule.
+
+Exact global normalisation. GMPO's loss is a mean over all sequences of the global batch (the 1/G
+of Eq. 4); a mean per micro-batch (the known defect of public code) makes gradients depend on the
+split. We use Megatron's own per-token-loss mechanism (``calculate_per_token_loss=True``): the loss
+function returns the un-normalised sum over its micro-batch together with its unit count (sequences,
+or tokens for token-mean losses, from ``algo.policy_loss.local_normalizer``); Megatron neither
+divides by the number of micro-batches nor averages over data-parallel ranks, sums the counts over
+micro-batches and DP ranks, and scales the summed gradients by 1 / total count in
+``finalize_model_grads``. The gradient is then exactly that of the global-batch loss for any
+micro-batch split, DP size and model-parallel layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from gmpo_megatron.algo.logprobs import token_log_probs
+from gmpo_megatron.algo.metrics import Metrics
+from gmpo_megatron.algo.policy_loss import local_normalizer, policy_loss
+
+
+@dataclass
+class Sample:
+    """One rollout as the trainer keeps it (token ids are python ints; rank-independent)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_log_probs: list[float]
+    reward: float
+    advantage: float
+    group: int
+    finish_reason: str
+    old_log_probs: list[float] | None = None  # set by the old-log-prob pass (last PP stage)
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded sequences ``prompt + response``. Position t predicts token t+1, so every
+    ``[b, S]`` field below is aligned with the *predicting* position:
+
+    tokens, position_ids  [b, S]   model input
+    targets               [b, S]   next token (pad where none)
+    response_mask         [b, S]   True where the target is a response token
+    old_log_prob, rollout_log_prob [b, S]   aligned like targets (0 outside the mask)
+    advantages            [b]
+    """
+
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    response_mask: torch.Tensor
+    old_log_prob: torch.Tensor
+    rollout_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    sample_indices: list[int]
+
+
+def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], pad_id: int,
+                      seq_multiple: int, device: torch.device) -> MicroBatch:
+    """Pack ``samples[indices]``; the length is padded to a multiple of ``seq_multiple`` (the TP
+    size under sequence parallelism). Right padding is invisible to causal attention."""
+    chosen = [samples[i] for i in indices]
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in chosen]
+    seq = max(lengths)
+    seq = -(-seq // seq_multiple) * seq_multiple
+    b = len(chosen)
+    tokens = torch.full((b, seq), pad_id, dtype=torch.long)
+    targets = torch.full((b, seq), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, seq), dtype=torch.bool)
+    old = torch.zeros((b, seq), dtype=torch.float32)
+    rollout = torch.zeros((b, seq), dtype=torch.float32)
+    for row, s in enumerate(chosen):
+        ids = s.prompt_ids + s.response_ids
+        n, p, r = len(ids), len(s.prompt_ids), len(s.response_ids)
+        tokens[row, :n] = torch.tensor(ids)
+        targets[row, : n - 1] = torch.tensor(ids[1:])
+        # response token j sits at position p + j and is predicted from position p + j - 1
+        mask[row, p - 1 : p - 1 + r] = True
+        rollout[row, p - 1 : p - 1 + r] = torch.tensor(s.rollout_log_probs, dtype=torch.float32)
+        if s.old_log_probs is not None:
+            old[row, p - 1 : p - 1 + r] = torch.tensor(s.old_log_probs, dtype=torch.float32)
+    positions = torch.arange(seq).unsqueeze(0).expand(b, -1).contiguous()
+    advantages = torch.tensor([s.advantage for s in chosen], dtype=torch.float32)
+    return MicroBatch(
+        tokens.to(device), positions.to(device), targets.to(device), mask.to(device),
+        old.to(device), rollout.to(device), advantages.to(device), list(indices),
+    )
+
+
+def split_evenly(items: Sequence[int], parts: int) -> list[list[int]]:
+    """``parts`` contiguous chunks whose sizes differ by at most one."""
+    base, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append(list(items[start : start + size]))
+        start += size
+    return out
+
+
+def plan_micro_batches(indices: Sequence[int], dp_rank: int, dp_size: int,
+                       micro_batch_size: int) -> list[list[int]]:
+    """This DP rank's micro-batches of a mini-batch. Every DP rank gets the same number of
+    micro-batches (expert-parallel all-to-alls inside the forward need all EP ranks to run the
+    same schedule), each non-empty."""
+    shares = split_evenly(indices, dp_size)
+    smallest = min(len(s) for s in shares)
+    if smallest == 0:
+        raise ValueError(
+            f"a mini-batch of {len(indices)} sequences cannot feed {dp_size} data-parallel ranks: "
+            "raise rollout.prompts_per_step / rollout.n or lower train.mini_batches"
+        )
+    count = -(-max(len(s) for s in shares) // micro_batch_size)
+    count = min(count, smallest)
+    return [chunk for chunk in split_evenly(shares[dp_rank], count)]
+
+
+@dataclass
+class LossSettings:
+    mode: str
+    options: dict[str, Any]
+    temperature: float
+    entropy_coef: float
+    use_tis: bool
+
+
+def _log_probs_of(output: torch.Tensor, batch: MicroBatch, temperature: float, with_entropy: bool):
+    from megatron.core import parallel_state as ps
+
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    b, s = batch.targets.shape
+    log_prob, entropy = token_log_probs(
+        output.reshape(b * s, -1), batch.targets.reshape(-1), tp_group=tp_group,
+        temperature=temperature, with_entropy=with_entropy,
+    )
+    return log_prob.view(b, s), (entropy.view(b, s) if entropy is not None else None)
+
+
+def _policy_loss_func(batch: MicroBatch, settings: LossSettings, output: torch.Tensor):
+    log_prob, entropy = _log_probs_of(output, batch, settings.temperature, True)
+    loss, metrics = policy_loss(
+        settings.mode, log_prob, batch.old_log_prob, batch.advantages, batch.response_mask,
+        normalizer=1.0,  # un-normalised sum; Megatron divides by the global count (module doc)
+        rollout_log_prob=batch.rollout_log_prob if settings.use_tis else None,
+        **settings.options,
+    )
+    mask = batch.response_mask
+    lengths = mask.sum(-1).clamp(min=1)
+    seq_entropy = (torch.where(mask, entropy, 0.0).sum(-1) / lengths)
+    if settings.entropy_coef:
+        loss = loss - settings.entropy_coef * seq_entropy[mask.any(-1)].sum()
+    with torch.no_grad():
+        metrics.add_mean("entropy", torch.where(mask, entropy, 0.0).sum(), mask.sum())
+        abs_diff = (batch.old_log_prob - batch.rollout_log_prob).abs()
+        metrics.add_mean("rollout_logp_abs_diff_mean", torch.where(mask, abs_diff, 0.0).sum(), mask.sum())
+        metrics.add_max("rollout_logp_abs_diff_max", torch.where(mask, abs_diff, 0.0).max())
+        count = local_normalizer(settings.mode, mask, **settings.options)
+        metrics.add_mean("loss", loss.detach().to(torch.float64), count)
+    return loss, count.to(torch.int), {"metrics": metrics}
+
+
+def _old_log_prob_func(batch: MicroBatch, output: torch.Tensor):
+    log_prob, _ = _log_probs_of(output, batch, _old_log_prob_func.temperature, False)
+    zero = output.new_zeros(()).float()
+    return zero, torch.tensor(0, dtype=torch.int), {"log_prob": log_prob.detach().float().cpu(),
+                                                   "indices": batch.sample_indices}
+
+
+def _forward_step(loss_func, data_iterator, model):
+    batch: MicroBatch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, attention_mask=None)
+    return output, partial(loss_func, batch)
+
+
+def run_schedule(model_chunks, batches: list[MicroBatch], loss_func, forward_only: bool):
+    """Megatron's forward(-backward) schedule over ``batches`` (PP-aware)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    forward_backward = get_forward_backward_func()
+    seq = max(b.tokens.shape[1] for b in batches)
+    mbs = max(b.tokens.shape[0] for b in batches)
+    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    return forward_backward(
+        forward_step_func=partial(_forward_step, loss_func),
+        data_iterator=iter(batches),
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches),
+        seq_length=seq,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+    )
+
+
+@torch.no_grad()
+def compute_old_log_probs(model_chunks, samples: list[Sample], batches: list[MicroBatch],
+                          temperature: float) -> None:
+    """Fill ``Sample.old_log_probs`` on the last pipeline stage (the only stage that reads them)."""
+    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    for chunk in chunks:
+        chunk.eval()
+    _old_log_prob_func.temperature = temperature
+    outputs = run_schedule(model_chunks, batches, _old_log_prob_func, forward_only=True)
+    for chunk in chunks:
+        chunk.train()
+    for out in outputs or []:
+        log_prob, indices = out["log_prob"], out["indices"]
+        for row, index in enumerate(indices):
+            s = samples[index]
+            p, r = len(s.prompt_ids), len(s.response_ids)
+            s.old_log_probs = log_prob[row, p - 1 : p - 1 + r].tolist()
+
+
+def train_on_batches(model_chunks, optimizer, batches: list[MicroBatch],
+                     settings: LossSettings) -> tuple[Metrics, float, bool]:
+    """One optimizer step over ``batches`` (this rank's micro-batches of one mini-batch).
+
+    Returns (metrics of this rank, reduced over DP later; grad norm; update successful)."""
+    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = run_schedule(model_chunks, batches, partial(_with_settings, settings), forward_only=False)
+    metrics = Metrics()
+    for out in outputs or []:
+        metrics.merge(out["metrics"])
+    ok, grad_norm, _ = optimizer.step()
+    return metrics, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
+
+
+def _with_settings(settings: LossSettings, batch: MicroBatch, output: torch.Tensor):
+    return _policy_loss_func(batch, settings, output)

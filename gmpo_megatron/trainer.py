@@ -1,0 +1,427 @@
+"""The RL loop: prompts -> rollouts -> rewards -> advantages -> old log-probs -> K updates -> weight
+sync -> metrics -> checkpoint. One ``Trainer`` per process; every process runs the same loop.
+
+Who does what across processes: global rank 0 owns the rollout engine, generates the whole step's
+rollouts, scores them and broadcasts the samples; every rank then holds the full rollout batch and
+takes its data-parallel share of each mini-batch. Rollouts are a pure function of (seed, step,
+weights), so runs at different parallel layouts see the same data, and a resumed run continues
+exactly where the interrupted one would have gone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gmpo_megatron.algo.advantages import compute_advantages, dynamic_sampling_filter
+from gmpo_megatron.algo.metrics import Metrics
+from gmpo_megatron.algo.policy_loss import loss_normalizer_kind
+from gmpo_megatron.config import Config
+from gmpo_megatron.megatron import checkpoint as ckpt
+from gmpo_megatron.megatron.train_step import (
+    LossSettings,
+    Sample,
+    build_micro_batch,
+    compute_old_log_probs,
+    plan_micro_batches,
+    split_evenly,
+    train_on_batches,
+)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """The sampling seed of a step: independent of layout and of restarts."""
+    return (seed * 1_000_003 + step * 7919) % (2**31 - 1)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False) -> None:
+        from gmpo_megatron.megatron.model_builder import BuildOptions, build_model
+        from gmpo_megatron.megatron.optimizer import OptimSettings, build_optimizer, wrap_ddp
+        from gmpo_megatron.megatron.parallel import init_distributed
+        from gmpo_megatron.models import get_mapping
+        from gmpo_megatron.models.presets import load_hf_config
+
+        self.cfg = cfg
+        p = cfg.parallel
+        self.layout = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp, seed=cfg.seed)
+        self.rank = self.layout.rank
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                       else torch.device("cpu"))
+        self.output_dir = Path(cfg.output_dir)
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        self.hf_config = load_hf_config(cfg.model.hf_config)
+        self.mapping = get_mapping(self.hf_config)
+        self.tokenizer = self._load_tokenizer()
+        self.dataset = self._load_dataset()
+        self.reward_fn = self._reward_fn()
+        self.loss_settings = self._loss_settings()
+
+        opts = BuildOptions(
+            tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp, sequence_parallel=p.sequence_parallel,
+            pp_first_stage_layers=p.pp_first_stage_layers, pp_last_stage_layers=p.pp_last_stage_layers,
+            params_dtype=_dtype(cfg.precision.params_dtype), fp8=cfg.precision.fp8,
+            fp8_recipe=cfg.precision.fp8_recipe, moe_dispatcher=p.moe_dispatcher,
+            moe_aux_loss_coeff=cfg.moe.aux_loss_coeff, moe_z_loss_coeff=cfg.moe.z_loss_coeff,
+            moe_router_dtype=cfg.moe.router_dtype,
+        )
+        model = build_model(self.hf_config, opts)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        self._load_initial_weights(model)
+        self.model = wrap_ddp(model, p.distributed_optimizer)
+        t = cfg.train
+        self.optimizer, self.scheduler = build_optimizer(self.model, OptimSettings(
+            lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, grad_clip=t.grad_clip,
+            warmup_steps=t.warmup_steps, total_steps=t.steps * t.ppo_epochs * t.mini_batches,
+            distributed_optimizer=p.distributed_optimizer, bf16=cfg.precision.params_dtype == "bf16",
+            lr_schedule=t.lr_schedule,
+        ))
+        self.step = 0
+        self.data_position = 0
+        self.weight_version = 0
+        if resume:
+            self._resume()
+        self.engine = self._build_engine() if self.rank == 0 else None
+        self.sync_weights()
+
+    # -- set-up pieces ------------------------------------------------------------------------
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from gmpo_megatron.data.tokenizer import build_task_tokenizer
+
+        if self.cfg.model.tokenizer == "task":
+            tokenizer = build_task_tokenizer()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.tokenizer, local_files_only=True)
+        if len(tokenizer) > self.hf_config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                f"{self.hf_config.vocab_size}: use a matching model.tokenizer / model.hf_config"
+            )
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs eos and pad tokens (the rollout stops at eos)")
+        return tokenizer
+
+    def _load_dataset(self):
+        from gmpo_megatron.data.dataset import load_prompt_dataset
+        from gmpo_megatron.data.tasks import write_task_parquet
+
+        d = self.cfg.data
+        files = list(d.train_files)
+        if not files:
+            path = self.output_dir / "data" / f"{d.task}_seed{self.cfg.seed}.parquet"
+            if self.rank == 0 and not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_task_parquet(d.task, str(path), d.num_rows, self.cfg.seed, **d.task_options)
+            if dist.is_initialized():
+                dist.barrier()
+            files = [str(path)]
+        return load_prompt_dataset(files, tokenizer=self.tokenizer, max_prompt_length=d.max_prompt_length,
+                                   prompt_key=d.prompt_key, answer_key=d.answer_key)
+
+    def _reward_fn(self):
+        from gmpo_megatron.rewards import get_reward_fn
+
+        name = self.cfg.reward.fn or self.cfg.data.task
+        if name is None:
+            raise ValueError("reward.fn is required with data.train_files (e.g. reward.fn=math)")
+        return get_reward_fn(name)
+
+    def _loss_settings(self) -> LossSettings:
+        a = self.cfg.algorithm
+        options: dict[str, Any] = {}
+        if a.clip_eps_low is not None:
+            options["clip_eps_low"] = a.clip_eps_low
+        if a.clip_eps_high is not None:
+            options["clip_eps_high"] = a.clip_eps_high
+        if a.clip_level is not None:
+            options["clip_level"] = a.clip_level
+        if a.length_norm is not None:
+            options["length_norm"] = a.length_norm
+        if a.loss == "dr_grpo":
+            options["max_response_length"] = a.max_response_length or self.cfg.rollout.max_new_tokens
+        elif a.max_response_length is not None:
+            raise ValueError("algorithm.max_response_length is dr_grpo's normaliser; remove it or "
+                             "set algorithm.loss=dr_grpo")
+        if a.tis_level is not None:
+            options.update(tis_level=a.tis_level, tis_cap=a.tis_cap)
+        loss_normalizer_kind(a.loss, **options)  # validates the option combination up front
+        return LossSettings(a.loss, options, self.cfg.rollout.temperature or 1.0, a.entropy_coef,
+                            a.tis_level is not None)
+
+    def _initial_hf_state(self):
+        """A reader of HF tensors: the configured checkpoint, or a seeded random init (identical on
+        every rank and at every layout, because it is made in HF space before sharding)."""
+        if self.cfg.model.hf_checkpoint:
+            from gmpo_megatron.convert.hf_io import open_hf_checkpoint
+
+            return open_hf_checkpoint(self.cfg.model.hf_checkpoint).read
+        from transformers import AutoModelForCausalLM
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            hf_model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
+        state = _checkpoint_layout_state(hf_model, self.mapping)
+        return state.__getitem__
+
+    def _load_initial_weights(self, model) -> None:
+        from gmpo_megatron.megatron.weights import load_hf_weights
+
+        load_hf_weights(model, self.mapping, self._initial_hf_state())
+
+    def _build_engine(self):
+        from gmpo_megatron.rollout.embedded import EmbeddedEngine
+
+        return EmbeddedEngine(
+            self.hf_config, device=self.device, dtype=_dtype(self.cfg.precision.params_dtype),
+            pad_token_id=self.tokenizer.pad_token_id, max_batch_size=self.cfg.rollout.max_batch_size,
+            init_seed=self.cfg.seed,
+        )
+
+    # -- weight sync ----------------------------------------------------------------------------
+    def sync_weights(self) -> float:
+        """Megatron shards -> full HF tensors -> engine (collective; the engine lives on rank 0)."""
+        from gmpo_megatron.megatron.weights import iter_hf_weights
+
+        start = time.perf_counter()
+        self.weight_version += 1
+        stream = iter_hf_weights(self.model, self.mapping)
+        if self.engine is not None:
+            self.engine.update_weights(stream, version=self.weight_version)
+        for _ in stream:  # other ranks (and any remainder) still take part in the collectives
+            pass
+        return time.perf_counter() - start
+
+    # -- one step -------------------------------------------------------------------------------
+    def _rollout(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        from gmpo_megatron.rewards import score_batch
+        from gmpo_megatron.rollout.engine import SamplingParams
+
+        r = self.cfg.rollout
+        batch = next(self.dataset.batches(r.prompts_per_step, self.cfg.seed, self.data_position))
+        self.data_position = batch.end_position
+        payload = None
+        if self.rank == 0:
+            sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                      max_new_tokens=r.max_new_tokens,
+                                      stop_token_ids=(self.tokenizer.eos_token_id,))
+            rollouts = self.engine.generate(batch.prompt_ids, sampling, seed=rollout_seed(self.cfg.seed, step))
+            texts = [self.tokenizer.decode(o.response_ids, skip_special_tokens=True) for o in rollouts]
+            truths = [batch.ground_truths[o.prompt_index] for o in rollouts]
+            extras = [batch.extra_infos[o.prompt_index] for o in rollouts]
+            rewards = torch.tensor(score_batch(self.reward_fn, texts, truths, extras), dtype=torch.float64)
+            groups = torch.tensor([o.prompt_index for o in rollouts])
+            a = self.cfg.algorithm
+            advantages = compute_advantages(a.advantage, rewards, groups)
+            keep, dropped = dynamic_sampling_filter(rewards, groups)
+            num_groups = len(batch.prompt_ids)
+            stats = {
+                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+                "response_len_mean": sum(len(o.response_ids) for o in rollouts) / len(rollouts),
+                "finish_stop_frac": sum(o.finish_reason == "stop" for o in rollouts) / len(rollouts),
+                "all_equal_reward_groups": float(dropped), "num_groups": float(num_groups),
+            }
+            samples = [
+                Sample(o.prompt_ids, o.response_ids, list(o.response_log_probs), float(rw), float(ad),
+                       o.prompt_index, o.finish_reason)
+                for o, rw, ad, k in zip(rollouts, rewards.tolist(), advantages.tolist(), keep.tolist())
+                if k or not a.dynamic_sampling
+            ]
+            payload = (samples, stats)
+        box = [payload]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _mini_batches(self, samples: list[Sample], epoch: int, step: int) -> list[list[int]]:
+        order = list(range(len(samples)))
+        random.Random(rollout_seed(self.cfg.seed, step) + epoch).shuffle(order)
+        return [m for m in split_evenly(order, self.cfg.train.mini_batches) if m]
+
+    def _micro_batches(self, samples: list[Sample], indices: list[int]):
+        pad = self.tokenizer.pad_token_id
+        seq_multiple = self.layout.tp if self.model.config.sequence_parallel else 1
+        plan = plan_micro_batches(indices, self.layout.dp_rank, self.layout.dp, self.cfg.train.micro_batch_size)
+        return [build_micro_batch(samples, chunk, pad, seq_multiple, self.device) for chunk in plan]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        samples, stats = self._rollout(step)
+        t_rollout = time.perf_counter() - t0
+        metrics = Metrics()
+        grad_norms = []
+        if len(samples) >= self.layout.dp:
+            all_indices = list(range(len(samples)))
+            old_batches = self._micro_batches(samples, all_indices)
+            compute_old_log_probs(self.model, samples, old_batches, self.loss_settings.temperature)
+            for epoch in range(self.cfg.train.ppo_epochs):
+                for mini in self._mini_batches(samples, epoch, step):
+                    batches = self._micro_batches(samples, mini)
+                    part, grad_norm, ok = train_on_batches(self.model, self.optimizer, batches, self.loss_settings)
+                    if not ok:
+                        raise FloatingPointError(f"step {step}: the optimizer step was skipped (non-finite "
+                                                 "gradients); lower train.lr or check the rewards")
+                    self.scheduler.step(1)
+                    metrics.merge(part)
+                    grad_norms.append(grad_norm)
+        t_train = time.perf_counter() - t0 - t_rollout
+        t_sync = self.sync_weights()
+        row = self._reduce_metrics(metrics)
+        row.update(stats)
+        row.update(
+            step=step, grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            lr=self.optimizer.param_groups[0]["lr"], weight_version=self.weight_version,
+            num_samples=len(samples), time_rollout_s=t_rollout, time_train_s=t_train,
+            time_sync_s=t_sync, time_step_s=time.perf_counter() - t0,
+        )
+        return row
+
+    def _reduce_metrics(self, metrics: Metrics) -> dict[str, float]:
+        """DP-reduce on the last pipeline stage (where the loss lives), then hand to global rank 0."""
+        from megatron.core import parallel_state as ps
+
+        if self.layout.is_last_stage:
+            metrics.all_reduce(ps.get_data_parallel_group())
+        row = metrics.to_dict() if self.layout.is_last_stage else None
+        if self.layout.pp > 1:
+            group = ps.get_pipeline_model_parallel_group()
+            box = [row]
+            dist.broadcast_object_list(box, src=dist.get_process_group_ranks(group)[-1], group=group)
+            row = box[0]
+        return dict(row)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def save(self) -> Path:
+        state = {"data_position": self.data_position, "weight_version": self.weight_version,
+                 "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
+                 "config": self.cfg.model_dump(mode="json")}
+        return ckpt.save_checkpoint(self.checkpoint_dir, self.step, self.model, self.optimizer, state,
+                                    keep_last=self.cfg.train.keep_last)
+
+    def _resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if latest is None:
+            raise FileNotFoundError(
+                f"--resume: no finished checkpoint under {self.checkpoint_dir}; run without --resume "
+                "to start a new run"
+            )
+        # Adam's state must exist before the optimizer's loading state dict is built.
+        self.optimizer.init_state_fn(self.optimizer.optimizer, self.optimizer.config) if hasattr(
+            self.optimizer, "init_state_fn") else None
+        state = ckpt.load_checkpoint(latest, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.data_position = int(state["data_position"])
+        self.weight_version = int(state["weight_version"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state.get("rng", {}))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, float]]:
+        cfg = self.cfg
+        writer = progress = None
+        metrics_path = self.output_dir / "metrics.jsonl"
+        if self.rank == 0:
+            (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+            if cfg.logging.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            if cfg.logging.progress_bar:
+                from tqdm import tqdm
+
+                progress = tqdm(total=cfg.train.steps, initial=self.step, desc="gmpo", dynamic_ncols=True)
+        rows = []
+        try:
+            while self.step < cfg.train.steps:
+                row = self.train_step(self.step)
+                self.step += 1
+                rows.append(row)
+                if self.rank == 0:
+                    _check_finite(row)
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    if writer is not None:
+                        for key, value in row.items():
+                            if isinstance(value, (int, float)) and math.isfinite(value):
+                                writer.add_scalar(key, value, row["step"])
+                    if progress is not None:
+                        progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
+                                             loss=f"{row.get('loss', float('nan')):.4f}",
+                                             step_s=f"{row['time_step_s']:.2f}")
+                        progress.update(1)
+                interval = cfg.train.save_interval
+                if (interval and self.step % interval == 0) or self.step == cfg.train.steps:
+                    self.save()
+        finally:
+            if progress is not None:
+                progress.close()
+            if writer is not None:
+                writer.close()
+        return rows
+
+    def close(self) -> None:
+        from gmpo_megatron.megatron.parallel import destroy_distributed
+
+        if self.engine is not None:
+            self.engine.close()
+        destroy_distributed()
+
+
+def _check_finite(row: dict[str, float]) -> None:
+    for key in ("loss", "grad_norm", "reward_mean"):
+        value = row.get(key)
+        if value is not None and not math.isfinite(value):
+            raise FloatingPointError(
+                f"step {row['step']}: {key} is {value}; the last finished checkpoint is kept intact. "
+                "Lower train.lr or check the reward function"
+            )
+
+
+def _checkpoint_layout_state(hf_model, mapping) -> dict[str, torch.Tensor]:
+    """An HF model's tensors under checkpoint names. transformers 5 fuses experts in memory, so the
+    names come from its own ``save_pretrained`` (per-expert on disk), read back with safetensors."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        state = {}
+        for path in sorted(Path(tmp).glob("*.safetensors")):
+            state.update(load_file(str(path)))
+    missing = [n for n in mapping.hf_names() if n not in state]
+    if missing:
+        raise KeyError(f"random-init HF model lacks {missing[:5]} ... ({len(missing)} tensors)")
+    return state
+
+
+def run(cfg: Config, resume: bool = False) -> list[dict[str, float]]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
