@@ -1,0 +1,477 @@
+"""Policy losses: GMPO (arXiv 2507.20673) and the baselines it is compared with.
+
+Every mode is a short `*_objective` function that returns the *sum* of its per-sequence (or
+per-token) losses; `policy_loss` divides that sum by a normalizer. With the GLOBAL normalizer
+(number of sequences, or of response tokens, in the whole global batch) the losses of all
+micro-batches and data-parallel ranks add up to exactly the global-batch loss, and so do their
+gradients. This is what public implementations get wrong when they take a mean over the
+micro-batch: their gradient scale then depends on the micro-batch split and the DP size.
+
+Notation: `d_t = log_prob_t - old_log_prob_t` (token log-ratio, 0 outside the response mask),
+`|o_i|` the number of response tokens of sequence i, `A_i` its advantage, `s_i = sign(A_i)`,
+`w` the optional truncated-IS weight (see mismatch.py, 1 without it), G the normalizer.
+
+A sequence (row) without any response token is padding: it contributes zero loss and zero
+gradient, and is not counted by `local_normalizer`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, NamedTuple
+
+import torch
+
+from gmpo_megatron.algo.metrics import Metrics, add_masked_stats, response_length_stats
+from gmpo_megatron.algo.mismatch import TIS_LEVELS, add_mismatch_metrics, truncated_is_weights
+
+__all__ = ["LOSS_MODES", "policy_loss", "loss_normalizer_kind", "local_normalizer"]
+
+NormalizerKind = Literal["sequences", "tokens", "constant"]
+
+
+class ClipStats(NamedTuple):
+    """Boolean masks of clipped units (tokens `[B, T]` or sequences `[B]`) on the active side."""
+
+    low: torch.Tensor  # A < 0 and the ratio is below the lower bound
+    high: torch.Tensor  # A > 0 and the ratio is above the upper bound
+    units: torch.Tensor  # the units counted (response tokens or non-empty sequences)
+    dual: torch.Tensor | None = None  # A < 0 and the ratio is above the dual-clip cap
+
+
+def _one_sided_clip(x: torch.Tensor, sign: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """PPO's pessimistic clip, in log space: s * min(s*x, s*clamp(x, low, high)).
+
+    A > 0 (s = 1): min(x, high); A < 0 (s = -1): max(x, low); A = 0: 0. The bound that is not
+    active for the sign never applies, so a clipped unit gets exactly zero gradient.
+    """
+    return sign * torch.minimum(sign * x, sign * x.clamp(low, high))
+
+
+# ---------------------------------------------------------------------------------------------
+# GMPO and GSPO: one ratio per sequence
+# ---------------------------------------------------------------------------------------------
+
+
+def gmpo_objective(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor | float,
+    *,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    clip_level: str,
+    length_norm: bool,
+    dual_clip: float | None,
+) -> tuple[torch.Tensor, ClipStats]:
+    """GMPO, paper Eq. 4 / Algorithm 1. Returns (sum_i loss_i, clip stats).
+
+        d~_t = s_i * min(s_i d_t, s_i clamp(d_t, -eps_low, eps_high))        clip_level="token"
+        r_i  = exp( sum_{t in o_i} d~_t / |o_i| )      geometric mean of the clipped token ratios
+        L    = (1/G) sum_i -A_i r_i w_i
+
+    clip_level="sequence" (Table 4 row 3): clip the summed log-ratio instead,
+        r_i = exp( s_i min(s_i S_i, s_i clamp(S_i, -eps_low, eps_high)) / |o_i| ),  S_i = sum_t d_t
+    clip_level="none" (row 2): r_i = exp(S_i / |o_i|).  length_norm=False (row 4): no 1/|o_i|.
+
+    dual_clip=c (log space, off by default): for A_i < 0 the clipped log-ratio is also capped
+    above at c, i.e. d~_t = min(max(d_t, -eps_low), c) (token level; at sequence level the summed
+    log-ratio is capped at c). It is PPO's dual clip with ratio cap e^c: a negative-advantage
+    sequence whose ratio exploded stops pushing. Capped units get zero gradient.
+
+    log_ratio `[B, T]` (0 outside mask), advantages `[B]`, mask `[B, T]` bool, weight `[B]` or 1.
+    """
+    sign = advantages.sign()
+    lengths = mask.sum(-1)
+    if clip_level == "token":
+        # log_ratio is 0 outside the mask and the clip maps 0 to 0: a plain sum is the masked sum
+        clipped = _one_sided_clip(log_ratio, sign[:, None], -clip_eps_low, clip_eps_high)
+        if dual_clip is not None:
+            clipped = torch.where(sign[:, None] < 0, clipped.clamp(max=dual_clip), clipped)
+        seq_log_ratio = clipped.sum(-1)
+        units_ratio, units = log_ratio, mask
+        unit_sign = sign[:, None]
+    else:
+        seq_log_ratio = log_ratio.sum(-1)
+        if clip_level == "sequence":
+            seq_log_ratio = _one_sided_clip(seq_log_ratio, sign, -clip_eps_low, clip_eps_high)
+            if dual_clip is not None:
+                seq_log_ratio = torch.where(sign < 0, seq_log_ratio.clamp(max=dual_clip), seq_log_ratio)
+        units_ratio, units, unit_sign = log_ratio.sum(-1), lengths > 0, sign
+    if length_norm:
+        seq_log_ratio = seq_log_ratio / lengths.clamp(min=1)
+    # Rows that contribute nothing (padding, A = 0) get exponent 0: their loss is exactly 0 and no
+    # inf*0 = NaN can reach the gradient even when their unclipped log-ratio would overflow exp.
+    live = (lengths > 0) & (sign != 0)
+    ratio = torch.exp(torch.where(live, seq_log_ratio, 0.0))
+    loss_sum = (-advantages * ratio * weight).sum()
+
+    with torch.no_grad():
+        if clip_level == "none":
+            never = torch.zeros_like(mask)
+            return loss_sum, ClipStats(never, never, mask)
+        stats = ClipStats(
+            low=units & (unit_sign < 0) & (units_ratio < -clip_eps_low),
+            high=units & (unit_sign > 0) & (units_ratio > clip_eps_high),
+            units=units,
+            dual=None if dual_clip is None else units & (unit_sign < 0) & (units_ratio > dual_clip),
+        )
+    return loss_sum, stats
+
+
+def gspo_objective(
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor | float,
+    *,
+    clip_eps_low: float,
+    clip_eps_high: float,
+) -> tuple[torch.Tensor, ClipStats]:
+    """GSPO (arXiv 2507.18071), sequence-level ratio and clip, gradient through the ratio:
+
+        s_i = exp( sum_{t in o_i} d_t / |o_i| )
+        L   = (1/G) sum_i -min( s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i ) w_i
+
+    log_ratio `[B, T]` (0 outside mask), advantages `[B]`, mask `[B, T]`, weight `[B]` or 1.
+    """
+    lengths = mask.sum(-1)
+    live = (lengths > 0) & (advantages != 0)
+    seq_log_ratio = log_ratio.sum(-1) / lengths.clamp(min=1)
+    ratio = torch.exp(torch.where(live, seq_log_ratio, 0.0))  # see gmpo_objective: no inf*0
+    objective = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * advantages)
+    loss_sum = (-objective * weight).sum()
+    with torch.no_grad():
+        units = lengths > 0
+        stats = ClipStats(
+            low=units & (advantages < 0) & (ratio < 1 - clip_eps_low),
+            high=units & (advantages > 0) & (ratio > 1 + clip_eps_high),
+            units=units,
+        )
+    return loss_sum, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO, DAPO, Dr.GRPO: one PPO-clipped ratio per token, aggregated differently
+# ---------------------------------------------------------------------------------------------
+
+
+def _ppo_token_loss(log_ratio, advantages, mask, weight, eps_low, eps_high):
+    """-min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) w, rho_t = exp(d_t); `[B, T]`, 0 off mask."""
+    ratio = torch.exp(log_ratio)
+    objective = torch.minimum(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
+    token_loss = torch.where(mask, -objective * weight, 0.0)
+    with torch.no_grad():
+        stats = ClipStats(
+            low=mask & (advantages < 0) & (ratio < 1 - eps_low),
+            high=mask & (advantages > 0) & (ratio > 1 + eps_high),
+            units=mask,
+        )
+    return token_loss, stats
+
+
+def grpo_objective(log_ratio, advantages, mask, weight, *, clip_eps_low, clip_eps_high):
+    """GRPO, Eq. 1 of the GMPO paper (token mean within a sequence, mean over sequences):
+
+        L = (1/G) sum_i (1/|o_i|) sum_{t in o_i} -min(rho_t A_i, clip(rho_t, 1-eps_low, 1+eps_high) A_i) w
+
+    log_ratio `[B, T]`, advantages `[B, T]`, mask `[B, T]`, weight `[B, T]`, `[B, 1]` or 1.
+    """
+    token_loss, stats = _ppo_token_loss(log_ratio, advantages, mask, weight, clip_eps_low, clip_eps_high)
+    seq_loss = token_loss.sum(-1) / mask.sum(-1).clamp(min=1)
+    return seq_loss.sum(), stats
+
+
+def dapo_objective(log_ratio, advantages, mask, weight, *, clip_eps_low, clip_eps_high):
+    """DAPO (arXiv 2503.14476): clip-higher and token-mean over the whole global batch:
+
+        L = (1 / sum_i |o_i|) sum_i sum_{t in o_i} -min(rho_t A_i, clip(rho_t, 1-eps_low, 1+eps_high) A_i) w
+
+    (the caller's normalizer is the global response-token count).
+    """
+    token_loss, stats = _ppo_token_loss(log_ratio, advantages, mask, weight, clip_eps_low, clip_eps_high)
+    return token_loss.sum(), stats
+
+
+def dr_grpo_objective(log_ratio, advantages, mask, weight, *, clip_eps_low, clip_eps_high, max_response_length):
+    """Dr.GRPO (arXiv 2503.20783): no 1/|o_i|; a constant length instead, mean over sequences:
+
+        L = (1/G) sum_i (1/max_response_length) sum_{t in o_i} -min(rho_t A_i, clip(rho_t, ...) A_i) w
+    """
+    token_loss, stats = _ppo_token_loss(log_ratio, advantages, mask, weight, clip_eps_low, clip_eps_high)
+    return token_loss.sum() / max_response_length, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and option checking
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_eps(mode, opts, given, ratio_space):
+    for name in ("clip_eps_low", "clip_eps_high"):
+        value = opts[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{mode}: {name} must be a number >= 0, got {value!r}")
+    if ratio_space and opts["clip_eps_low"] > 1:
+        raise ValueError(
+            f"{mode}: clip_eps_low={opts['clip_eps_low']} makes the ratio bound 1 - eps negative; "
+            "use a value in [0, 1] (1 disables the lower clip)"
+        )
+
+
+def _check_gmpo(mode, opts, given):
+    _check_eps(mode, opts, given, ratio_space=False)
+    if opts["clip_level"] not in ("token", "sequence", "none"):
+        raise ValueError(f"gmpo: clip_level={opts['clip_level']!r}; allowed: 'token', 'sequence', 'none'")
+    if not isinstance(opts["length_norm"], bool):
+        raise ValueError(f"gmpo: length_norm must be True or False, got {opts['length_norm']!r}")
+    if opts["clip_level"] == "none":
+        # dual_clip=None is the "off" value and harmless; a bound would silently do nothing
+        pointless = sorted(given & {"clip_eps_low", "clip_eps_high"})
+        pointless += ["dual_clip"] if opts["dual_clip"] is not None else []
+        if pointless:
+            raise ValueError(
+                f"gmpo: option(s) {pointless} have no effect with clip_level='none'; drop them or "
+                "choose clip_level='token' or 'sequence'"
+            )
+    dual = opts["dual_clip"]
+    if dual is not None and (isinstance(dual, bool) or not isinstance(dual, (int, float)) or not dual > 0):
+        raise ValueError(
+            f"gmpo: dual_clip must be None or a log-space cap > 0 (PPO's c=3 is log(3)=1.0986), got {dual!r}"
+        )
+
+
+def _check_ppo(mode, opts, given):
+    _check_eps(mode, opts, given, ratio_space=True)
+
+
+def _check_dr_grpo(mode, opts, given):
+    _check_ppo(mode, opts, given)
+    length = opts["max_response_length"]
+    if length is None:
+        raise ValueError("dr_grpo requires max_response_length=<the generation limit in tokens>, e.g. 3000")
+    if isinstance(length, bool) or not isinstance(length, (int, float)) or not length > 0:
+        raise ValueError(f"dr_grpo: max_response_length must be a positive number, got {length!r}")
+
+
+@dataclass(frozen=True)
+class LossMode:
+    objective: Callable[..., tuple[torch.Tensor, ClipStats]]
+    defaults: Mapping[str, Any]
+    check: Callable[[str, dict, set], None]
+    normalizer_kind: NormalizerKind
+    sequence_level: bool  # one ratio per sequence: [B] advantages and per-sequence TIS weights
+
+
+LOSS_MODES: dict[str, LossMode] = {
+    "gmpo": LossMode(
+        gmpo_objective,
+        {"clip_eps_low": 0.4, "clip_eps_high": 0.4, "clip_level": "token", "length_norm": True, "dual_clip": None},
+        _check_gmpo,
+        "sequences",
+        sequence_level=True,
+    ),
+    "grpo": LossMode(grpo_objective, {"clip_eps_low": 0.2, "clip_eps_high": 0.2}, _check_ppo, "sequences", False),
+    "dapo": LossMode(dapo_objective, {"clip_eps_low": 0.2, "clip_eps_high": 0.28}, _check_ppo, "tokens", False),
+    "dr_grpo": LossMode(
+        dr_grpo_objective,
+        {"clip_eps_low": 0.2, "clip_eps_high": 0.2, "max_response_length": None},
+        _check_dr_grpo,
+        "sequences",
+        sequence_level=False,
+    ),
+    "gspo": LossMode(gspo_objective, {"clip_eps_low": 3e-4, "clip_eps_high": 4e-4}, _check_ppo, "sequences", True),
+}
+
+_TIS_OPTIONS = ("tis_level", "tis_cap")
+DEFAULT_TIS_CAP = 2.0
+
+
+def _resolve(mode: str, options: dict[str, Any]) -> tuple[LossMode, dict[str, Any], dict[str, Any]]:
+    """(mode spec, objective options with defaults, TIS options) or a ValueError naming the fix."""
+    if mode not in LOSS_MODES:
+        raise ValueError(f"unknown policy loss mode {mode!r}; allowed: {sorted(LOSS_MODES)}")
+    spec = LOSS_MODES[mode]
+    allowed = sorted([*spec.defaults, *_TIS_OPTIONS])
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"policy loss mode {mode!r} has no option(s) {unknown}; allowed: {allowed}")
+    opts = {**spec.defaults, **{k: v for k, v in options.items() if k not in _TIS_OPTIONS}}
+    spec.check(mode, opts, set(options))
+
+    tis = {"level": options.get("tis_level"), "cap": options.get("tis_cap")}
+    if tis["level"] is None:
+        if tis["cap"] is not None:
+            raise ValueError(f"tis_cap={tis['cap']!r} given without tis_level; add tis_level={list(TIS_LEVELS)}")
+    else:
+        if tis["level"] not in TIS_LEVELS:
+            raise ValueError(f"unknown tis_level {tis['level']!r}; allowed: {list(TIS_LEVELS)}")
+        if spec.sequence_level and tis["level"] == "token":
+            raise ValueError(
+                f"{mode} has one ratio per sequence, so a per-token IS weight has nothing to multiply; "
+                "use tis_level='geometric' (matches the geometric-mean ratio) or 'sequence'"
+            )
+        tis["cap"] = DEFAULT_TIS_CAP if tis["cap"] is None else tis["cap"]
+        if isinstance(tis["cap"], bool) or not isinstance(tis["cap"], (int, float)) or not tis["cap"] > 0:
+            raise ValueError(f"tis_cap must be a number > 0 (e.g. 2.0), got {tis['cap']!r}")
+    return spec, opts, tis
+
+
+def loss_normalizer_kind(mode: str, **options: Any) -> NormalizerKind:
+    """What the trainer must count over the global batch to build `normalizer=`:
+
+    "sequences" (gmpo, grpo, dr_grpo, gspo): sequences with at least one response token;
+    "tokens" (dapo): response tokens; "constant": a mode normalised by a configured constant,
+    needing no count (none of the built-in modes is). Validates `options` like `policy_loss`.
+    """
+    return _resolve(mode, options)[0].normalizer_kind
+
+
+def local_normalizer(mode: str, response_mask: torch.Tensor, **options: Any) -> torch.Tensor:
+    """This micro-batch's share of the normalizer (0-dim float tensor, on the mask's device).
+
+    Sum it over micro-batches and all-reduce (SUM) over data-parallel ranks to get the global
+    `normalizer=` for `policy_loss`. response_mask `[B, T]`.
+    """
+    kind = loss_normalizer_kind(mode, **options)
+    mask = response_mask.bool()
+    if kind == "tokens":
+        return mask.sum().to(torch.float64)
+    if kind == "sequences":
+        return mask.any(-1).sum().to(torch.float64)
+    return torch.ones((), dtype=torch.float64, device=mask.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(log_prob, old_log_prob, advantages, response_mask, rollout_log_prob):
+    if log_prob.dim() != 2 or not log_prob.is_floating_point():
+        raise ValueError(f"log_prob must be a [B, T] float tensor, got {log_prob.dtype} {tuple(log_prob.shape)}")
+    shape = tuple(log_prob.shape)
+    for name, tensor in (("old_log_prob", old_log_prob), ("response_mask", response_mask), ("rollout_log_prob", rollout_log_prob)):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} like log_prob")
+    if tuple(advantages.shape) not in ((shape[0],), shape):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected [B]=({shape[0]},) or [B, T]={shape}")
+
+
+def _divide(loss_sum: torch.Tensor, normalizer) -> torch.Tensor:
+    # A count of 0 means an empty global batch: every loss_sum is 0 then, and 0/1 keeps it 0.
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
+        return loss_sum / normalizer.detach().reshape(()).to(loss_sum).clamp(min=1)
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not normalizer >= 0:
+        raise ValueError(f"normalizer must be a count >= 0 (global sequences or tokens), got {normalizer!r}")
+    return loss_sum / max(float(normalizer), 1.0)
+
+
+def policy_loss(
+    mode: str,
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    normalizer: float | torch.Tensor | None = None,
+    rollout_log_prob: torch.Tensor | None = None,
+    **options: Any,
+) -> tuple[torch.Tensor, Metrics]:
+    """Policy loss of one micro-batch as a share of the global-batch loss, and its metrics.
+
+    log_prob `[B, T]` (carries the gradient), old_log_prob `[B, T]` (pi_old, detached here),
+    advantages `[B]` or `[B, T]` (detached), response_mask `[B, T]` bool or 0/1,
+    rollout_log_prob `[B, T]` (the rollout engine's log-probs, optional).
+
+    normalizer: the GLOBAL count of `loss_normalizer_kind(mode, **options)` (python number or
+    0-dim tensor; see `local_normalizer`). None uses this micro-batch's own count, which is right
+    only when the micro-batch is the whole global batch.
+
+    Sequence-level modes (gmpo, gspo) take A_i = the mean of a `[B, T]` advantage over the
+    response tokens (= the advantage itself when it is broadcast from one value per sequence, as
+    every estimator in advantages.py produces). Token-level modes broadcast a `[B]` advantage.
+
+    options: per mode (defaults in LOSS_MODES) plus, for any mode, `tis_level` ("token" (not for
+    gmpo/gspo), "sequence", "geometric") and `tis_cap` (default 2.0) — truncated IS towards the
+    rollout policy, which needs rollout_log_prob. rollout_log_prob without tis_level only adds the
+    mismatch metrics. Unknown or meaningless options raise ValueError.
+
+    Values at positions outside response_mask are never read (they may be any garbage, inf or nan
+    included), and get exactly zero gradient. Computation is in float32 (float64 for float64
+    inputs); the loss has that dtype.
+
+    Metrics (weighted means over response tokens unless noted; see Metrics.to_dict):
+      log_ratio_mean|_min|_max   d_t = log_prob - old_log_prob (the IS-ratio range, log space)
+      seq_log_ratio_mean         mean over sequences of sum_t d_t / |o_i| (unclipped)
+      clipfrac_low, clipfrac_high, clipfrac   units clipped on the side active for sign(A):
+                                 low only for A < 0, high only for A > 0; units are response
+                                 tokens, or sequences for sequence-level clips (gmpo
+                                 clip_level="sequence", gspo); gmpo dual_clip adds clipfrac_dual
+      kl                         k3 estimate of KL(pi_old || pi_theta) per token,
+                                 exp(d) - 1 - d (unbiased under tokens sampled from pi_old; it
+                                 agrees with KL(pi_theta || pi_old)'s k3, exp(-d) - 1 + d, to O(d^3))
+      response_len_mean|_min|_max  over sequences with response tokens
+      rollout_logp_abs_diff_mean|_max, tis_weight_mean, tis_capped_frac   with rollout_log_prob
+    """
+    spec, opts, tis = _resolve(mode, options)
+    _check_inputs(log_prob, old_log_prob, advantages, response_mask, rollout_log_prob)
+    if tis["level"] is not None and rollout_log_prob is None:
+        raise ValueError(f"tis_level={tis['level']!r} needs rollout_log_prob=<the rollout engine's log-probs>")
+
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    mask = response_mask.bool()
+    lengths = mask.sum(-1)
+    has_tokens = lengths > 0
+    # Select before any arithmetic: torch.where sends no gradient to the unselected branch, so
+    # garbage (even inf/nan) at padded positions reaches neither the loss nor the gradient.
+    log_ratio = torch.where(mask, log_prob.to(dtype), 0.0) - torch.where(mask, old_log_prob.detach().to(dtype), 0.0)
+    adv = advantages.detach().to(dtype)
+    if adv.dim() == 2:
+        adv = torch.where(mask, adv, 0.0)
+        if spec.sequence_level:
+            adv = adv.sum(-1) / lengths.clamp(min=1)
+    else:
+        adv = torch.where(has_tokens, adv, 0.0)
+        if not spec.sequence_level:
+            adv = adv[:, None].expand_as(log_ratio)
+
+    weight: torch.Tensor | float = 1.0
+    tis_weights = None
+    if tis["level"] is not None:
+        tis_weights = truncated_is_weights(
+            old_log_prob.to(dtype), rollout_log_prob.to(dtype), mask, level=tis["level"], cap=tis["cap"]
+        )
+        # token-level modes multiply every token of a sequence by its sequence weight
+        weight = tis_weights if spec.sequence_level or tis_weights.dim() == 2 else tis_weights[:, None]
+
+    loss_sum, clip = spec.objective(log_ratio, adv, mask, weight, **opts)
+    loss = _divide(loss_sum, normalizer if normalizer is not None else local_normalizer(mode, mask, **options))
+
+    metrics = Metrics()
+    with torch.no_grad():
+        add_masked_stats(metrics, "log_ratio", log_ratio, mask)
+        add_masked_stats(metrics, "seq_log_ratio", log_ratio.sum(-1) / lengths.clamp(min=1), has_tokens, ("mean",))
+        n_units = clip.units.sum()
+        metrics.add_mean("clipfrac_low", clip.low.sum(), n_units)
+        metrics.add_mean("clipfrac_high", clip.high.sum(), n_units)
+        metrics.add_mean("clipfrac", (clip.low | clip.high).sum(), n_units)
+        if clip.dual is not None:
+            metrics.add_mean("clipfrac_dual", clip.dual.sum(), n_units)
+        d = log_ratio.to(torch.float64)
+        metrics.add_mean("kl", torch.where(mask, torch.expm1(d) - d, 0.0).sum(), lengths.sum())
+        response_length_stats(mask, metrics)
+        if rollout_log_prob is not None:
+            add_mismatch_metrics(
+                metrics,
+                torch.where(mask, old_log_prob.detach().to(dtype), 0.0),
+                torch.where(mask, rollout_log_prob.detach().to(dtype), 0.0),
+                mask,
+                tis_weights,
+                tis["cap"],
+            )
+    return loss, metrics
