@@ -68,8 +68,28 @@ def shard_info(live_name: str, param: torch.nn.Parameter, model) -> ShardInfo | 
             return f".local_experts.{int(m.group(1)) + first}."
 
         name = _EXPERT.sub(to_global, name)
-    tp_dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-    return ShardInfo(name, is_expert, tp_dim, name.endswith("linear_fc1.weight"))
+    return ShardInfo(name, is_expert, _partition_dim(live_name, param, gpt),
+                     name.endswith("linear_fc1.weight"))
+
+
+def _partition_dim(live_name: str, param: torch.nn.Parameter, gpt) -> int | None:
+    """The TP split dimension. Megatron tags parallel weights (``tensor_model_parallel``,
+    ``partition_dim``) only inside its init helpers, which ``perform_initialization=False`` skips
+    on the local spec: fall back to the owning layer's type."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
+
+    if hasattr(param, "tensor_model_parallel"):
+        return param.partition_dim if param.tensor_model_parallel else None
+    module = gpt.get_submodule(live_name.rsplit(".", 1)[0])
+    if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+        return 0
+    if isinstance(module, RowParallelLinear) and live_name.endswith(".weight"):
+        return 1
+    return None
 
 
 def _tp_group(info: ShardInfo):
