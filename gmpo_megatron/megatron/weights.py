@@ -82,8 +82,8 @@ def _partition_dim(live_name: str, param: torch.nn.Parameter, gpt) -> int | None
         VocabParallelEmbedding,
     )
 
-    if hasattr(param, "tensor_model_parallel"):
-        return param.partition_dim if param.tensor_model_parallel else None
+    if getattr(param, "tensor_model_parallel", False):
+        return param.partition_dim
     module = gpt.get_submodule(live_name.rsplit(".", 1)[0])
     if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
         return 0
