@@ -1,0 +1,115 @@
+"""The Megatron checkpoint directory the converters write, and how to load it into a model.
+
+Layout of a directory written by ``gmpo-convert hf-to-megatron``::
+
+    M/.metadata, M/__R_T.distcp, M/common.pt, M/metadata.json   dist_checkpointing, torch_dist format
+    M/hf/config.json, generation_config.json, tokenizer files     copied from the HF source
+    M/gmpo_convert.json                                            completion marker (written last)
+
+``M/hf/`` makes the checkpoint self-describing: ``megatron-to-hf``, ``verify`` and the trainer
+rebuild the model from it with no extra flags. The model tensors are saved from
+``model.sharded_state_dict()``, so they load at any TP / PP / EP / ETP layout:
+
+    from gmpo_megatron.convert.megatron_ckpt import checkpoint_info, load_megatron_model
+    info = checkpoint_info(M)                      # validated HF config (+ marker)
+    model = build_model(info.hf_config, BuildOptions(tp=..., pp=..., ep=..., etp=...))
+    load_megatron_model(model, M)                  # collective over all ranks
+
+Checkpoints saved by the trainer (no marker, no ``hf/``) are read the same way given the HF config
+directory (``hf_config_dir``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from gmpo_megatron.convert.errors import ConversionError
+from gmpo_megatron.convert.staging import MARKER, read_marker
+from gmpo_megatron.convert.validate import check_hf_config, compare_hf_configs
+
+HF_SUBDIR = "hf"
+MEGATRON_KIND = "megatron_torch_dist"
+HF_KIND = "hf_safetensors"
+
+
+@dataclass(frozen=True)
+class MegatronCheckpointInfo:
+    directory: str
+    hf_config: object  # transformers PretrainedConfig
+    hf_files_dir: str  # where config.json / tokenizer files are copied from
+    marker: dict | None  # None for checkpoints not written by gmpo-convert (e.g. the trainer's)
+
+
+def load_hf_config(directory: str):
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ConversionError(f"{directory} has no config.json")
+    return AutoConfig.from_pretrained(directory, local_files_only=True)
+
+
+def checkpoint_info(megatron_dir: str, hf_config_dir: str | None = None) -> MegatronCheckpointInfo:
+    """The HF config of a Megatron checkpoint, validated; refuses incomplete or ambiguous dirs."""
+    directory = os.path.abspath(megatron_dir)
+    if not os.path.isdir(directory):
+        raise ConversionError(f"Megatron checkpoint directory {directory} does not exist")
+    marker = read_marker(directory)
+    stored = os.path.join(directory, HF_SUBDIR)
+    if marker is None and os.path.isdir(stored):
+        raise ConversionError(f"{directory} has {HF_SUBDIR}/ but no {MARKER}: it is an unfinished "
+                              "conversion; convert again")
+    if marker is not None and marker.get("kind") != MEGATRON_KIND:
+        raise ConversionError(f"{directory} is a {marker.get('kind')!r} output, not a Megatron "
+                              "checkpoint")
+    configs = []
+    if marker is not None:
+        configs.append((load_hf_config(stored), f"the config stored in {stored}", stored))
+    if hf_config_dir is not None:
+        hf_config_dir = os.path.abspath(hf_config_dir)
+        configs.append((load_hf_config(hf_config_dir), f"--hf-config-dir {hf_config_dir}",
+                        hf_config_dir))
+    if not configs:
+        raise ConversionError(f"{directory} carries no HF config (no {HF_SUBDIR}/; not written by "
+                              "gmpo-convert): pass --hf-config-dir with the model's config.json")
+    if len(configs) == 2:
+        compare_hf_configs(configs[0][0], configs[1][0], configs[0][1], configs[1][1])
+    hf_config, _, files_dir = configs[-1]
+    check_hf_config(hf_config)
+    return MegatronCheckpointInfo(directory, hf_config, files_dir, marker)
+
+
+def save_megatron_model(model_chunks, directory: str) -> None:
+    """Save this rank's shards into ``directory`` (empty, existing). Collective over all ranks."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if len(chunks) != 1:
+        raise ConversionError("virtual pipeline stages (several model chunks) are not supported")
+    dist_checkpointing.save(chunks[0].sharded_state_dict(), directory,
+                            sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1))
+
+
+def load_megatron_model(model_chunks, directory: str) -> None:
+    """Fill the model's shards from a torch_dist checkpoint saved at any layout (collective).
+
+    Stored dtypes are cast to the model's (a bf16 checkpoint loads into an fp32 model)."""
+    from megatron.core import dist_checkpointing
+
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if len(chunks) != 1:
+        raise ConversionError("virtual pipeline stages (several model chunks) are not supported")
+    loaded = dist_checkpointing.load(chunks[0].sharded_state_dict(), directory)
+    # Factories (the fc1 [gate; up] halves) are merged into new tensors: copy them all back.
+    chunks[0].load_state_dict(loaded, strict=True)
+
+
+def stored_dtype(reader) -> torch.dtype:
+    """The dtype of the checkpoint's parameters (the embedding's; routers may differ)."""
+    for name, tensor in reader.tensors.items():
+        if name == "embedding.word_embeddings.weight":
+            return tensor.dtype
+    return next(iter(reader.tensors.values())).dtype

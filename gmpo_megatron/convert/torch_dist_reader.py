@@ -1,0 +1,205 @@
+"""Read full Megatron tensors from a ``torch_dist`` dist_checkpointing checkpoint, tensor by tensor.
+
+Megatron-Core's torch_dist format is PyTorch Distributed Checkpoint (DCP) underneath: a ``.metadata``
+pickle lists, for every sharded key, its *global* (unsharded) shape, dtype and the chunks each rank
+wrote, and the ``__R_T.distcp`` files hold the chunks. The global tensor is independent of the
+TP / PP / EP / ETP layout it was saved at (Megatron stores the fc1 ``[gate; up]`` halves as separate
+chunks of one global ``[2I, H]`` tensor, experts along a leading global-expert axis, ...), so
+reading a region of the global tensor is a layout-independent read. This module asks DCP's own
+resharding planner (``create_read_items_for_chunk_list``) which stored byte ranges cover the region
+and lets DCP's ``FileSystemReader.read_data`` copy exactly those bytes — no model is built and
+nothing is cast, so the result is bit-identical to what was saved.
+
+Key layouts understood (all produced by megatron-core 0.16 for the GPT model):
+
+- ``embedding.word_embeddings.weight``, ``output_layer.weight``, ``decoder.final_layernorm.weight``;
+- per-layer keys ``decoder.layers.{L}.<rest>`` (heterogeneous blocks, e.g. every MoE model built
+  with a ``moe_layer_freq`` list) and stacked keys ``decoder.layers.<rest>`` with a leading global
+  layer axis (homogeneous dense blocks);
+- expert keys ``...mlp.experts.experts.linear_fc{1,2}.weight`` with a leading global expert axis
+  (SequentialMLP and TE GroupedMLP share them), or ``...mlp.experts.experts.{E}.linear_fc..``
+  (``singleton_local_shards``);
+- Transformer-Engine norm names (``linear_qkv.layer_norm_weight``) are translated by
+  ``gmpo_megatron.models.canonical_name``.
+
+Keys outside ``embedding.`` / ``decoder.`` / ``output_layer.`` (optimizer state, RNG state, ...)
+are ignored and listed in ``ignored_keys``; ``_extra_state`` byte entries are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from gmpo_megatron.convert.errors import ConversionError
+from gmpo_megatron.models import canonical_name
+
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+_PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_STACKED = re.compile(r"^decoder\.layers\.(?!\d+\.)(.+)$")
+_EXPERTS_STACKED = re.compile(r"^(.*)mlp\.experts\.experts\.(linear_fc[12]\.(?:weight|bias))$")
+_EXPERT_SINGLE = re.compile(r"^(.*)mlp\.experts\.experts\.(\d+)\.(linear_fc[12]\.(?:weight|bias))$")
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One canonical tensor inside a stored key: ``global[index...]`` (leading axes fixed)."""
+
+    fqn: str  # the stored key
+    index: tuple[int, ...]  # fixed leading indices (layer and/or expert axes)
+    shape: tuple[int, ...]  # the canonical tensor's shape (vocab padding already trimmed)
+    dtype: torch.dtype
+    stored_rows: int | None = None  # rows in the checkpoint when padded (vocab), else None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class _Planner:
+    """The two LoadPlanner callbacks ``FileSystemReader.read_data`` uses: where to put a chunk."""
+
+    def __init__(self, targets: dict[tuple[str, tuple[int, ...]], torch.Tensor]) -> None:
+        self.targets = targets
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        target = self.targets[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            target = target.narrow(dim, start, length)
+        return target
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass
+
+    def load_bytes(self, read_item, value) -> None:  # pragma: no cover - we request tensors only
+        raise AssertionError("unexpected byte read")
+
+
+class TorchDistCheckpoint:
+    """Canonical-name view of a torch_dist checkpoint directory.
+
+    ``shapes()`` maps canonical names (``decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.weight``)
+    to full shapes; ``read(names)`` returns full tensors for a batch of names in one pass over the
+    files. ``vocab_size`` trims padded embedding / output rows (the padding is never read).
+    """
+
+    def __init__(self, directory: str, vocab_size: int | None = None) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.directory = os.path.abspath(directory)
+        _check_torch_dist(self.directory)
+        self._reader = FileSystemReader(self.directory)
+        self.metadata = self._reader.read_metadata()
+        self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self.tensors: dict[str, StoredTensor] = {}
+        self.ignored_keys: list[str] = []
+        for fqn, md in self.metadata.state_dict_metadata.items():
+            if not isinstance(md, TensorStorageMetadata):
+                continue  # _extra_state and other pickled objects
+            if not fqn.startswith(_MODEL_PREFIXES):
+                self.ignored_keys.append(fqn)
+                continue
+            for name, stored in _expand(fqn, tuple(md.size), md.properties.dtype):
+                if vocab_size is not None and name in _VOCAB_ROWS and stored.shape[0] > vocab_size:
+                    stored = StoredTensor(stored.fqn, stored.index, (vocab_size, *stored.shape[1:]),
+                                          stored.dtype, stored_rows=stored.shape[0])
+                if name in self.tensors:
+                    raise ConversionError(f"{self.directory}: tensor {name} is stored twice "
+                                          f"({self.tensors[name].fqn} and {fqn})")
+                self.tensors[name] = stored
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: t.shape for name, t in self.tensors.items()}
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Full tensors for ``names`` (canonical), read in one pass; exact stored bytes and dtype."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        targets: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
+        items = []
+        for name in names:
+            stored = self.tensors.get(name)
+            if stored is None:
+                raise ConversionError(f"tensor {name} is missing from the Megatron checkpoint in "
+                                      f"{self.directory}")
+            lead = len(stored.index)
+            offsets = torch.Size(stored.index + (0,) * len(stored.shape))
+            sizes = torch.Size((1,) * lead + stored.shape)
+            buffer = torch.empty(sizes, dtype=stored.dtype)
+            key = (stored.fqn, tuple(offsets))
+            targets[key] = buffer
+            request = create_read_items_for_chunk_list(
+                stored.fqn, self.metadata.state_dict_metadata[stored.fqn],
+                [ChunkStorageMetadata(offsets=offsets, sizes=sizes)])
+            covered = sum(math.prod(item.lengths) for item in request)
+            if covered != buffer.numel():
+                raise ConversionError(
+                    f"{self.directory}: the stored chunks of {stored.fqn} cover {covered} of the "
+                    f"{buffer.numel()} elements of {name}: the checkpoint is incomplete (a rank's "
+                    "shard was never written)"
+                )
+            items.extend(request)
+            out[name] = buffer.reshape(stored.shape) if lead else buffer
+        self._reader.read_data(LoadPlan(items), _Planner(targets)).wait()
+        return out
+
+
+def _expand(fqn: str, size: tuple[int, ...], dtype: torch.dtype):
+    """(canonical name, StoredTensor) for every canonical tensor inside the stored key ``fqn``."""
+    per_layer = _PER_LAYER.match(fqn)
+    stacked = None if per_layer else _STACKED.match(fqn)
+    if not per_layer and not stacked:
+        yield canonical_name(fqn) or fqn, StoredTensor(fqn, (), size, dtype)
+        return
+    if per_layer:
+        layers: list[tuple[tuple[int, ...], int]] = [((), int(per_layer.group(1)))]
+        rest, dims = per_layer.group(2), size
+    else:
+        layers = [((layer,), layer) for layer in range(size[0])]
+        rest, dims = stacked.group(1), size[1:]
+    single = _EXPERT_SINGLE.match(rest)
+    many = None if single else _EXPERTS_STACKED.match(rest)
+    for lead, layer in layers:
+        if single:
+            expert = int(single.group(2))
+            local = f"{single.group(1)}mlp.experts.local_experts.{expert}.{single.group(3)}"
+            yield (canonical_name(f"decoder.layers.{layer}.{local}"),
+                   StoredTensor(fqn, lead, tuple(dims), dtype))
+        elif many:
+            for expert in range(dims[0]):
+                local = f"{many.group(1)}mlp.experts.local_experts.{expert}.{many.group(2)}"
+                yield (canonical_name(f"decoder.layers.{layer}.{local}"),
+                       StoredTensor(fqn, lead + (expert,), tuple(dims[1:]), dtype))
+        else:
+            yield (canonical_name(f"decoder.layers.{layer}.{rest}"),
+                   StoredTensor(fqn, lead, tuple(dims), dtype))
+
+
+def _check_torch_dist(directory: str) -> None:
+    if not os.path.isdir(directory):
+        raise ConversionError(f"Megatron checkpoint directory {directory} does not exist")
+    meta_path = os.path.join(directory, "metadata.json")
+    if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(directory, ".metadata")):
+        hint = ""
+        subdirs = sorted(d for d in os.listdir(directory) if d.startswith("iter_"))
+        if subdirs:
+            hint = f" (it has {subdirs[-1]}/: pass that directory)"
+        raise ConversionError(
+            f"{directory} is not a dist_checkpointing checkpoint: metadata.json or .metadata is "
+            f"missing{hint}"
+        )
+    with open(meta_path) as f:
+        backend = json.load(f).get("sharded_backend")
+    if backend != "torch_dist":
+        raise ConversionError(f"{directory}: sharded backend {backend!r} is not supported; only "
+                              "'torch_dist' (the dist_checkpointing default) is")

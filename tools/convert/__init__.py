@@ -1,0 +1,1 @@
+"""Command-line entry for the converters; the implementation is ``gmpo_megatron.convert``."""
