@@ -65,10 +65,10 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
             target_logit = torch.where(owned[start:end], x.gather(1, local_target[start:end, None]).squeeze(1), 0.0)
             if with_entropy:
                 e = torch.exp(x)
-                sum_exp = e.sum(-1)
-                sum_exp_x = e.mul_(x).sum(-1)  # sum_v e_v (x_v - max), for E_p[x]
+                # sum_v e_v (x_v - max), for E_p[x]; a batched dot writes no [chunk, V] product
+                sum_exp_x = torch.einsum("tv,tv->t", e, x)
+                stats = torch.stack([e.sum(-1), target_logit, sum_exp_x])
                 del e
-                stats = torch.stack([sum_exp, target_logit, sum_exp_x])
             else:
                 stats = torch.stack([x.exp_().sum(-1), target_logit])
             del x
@@ -96,26 +96,30 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
         if grad_log_prob is None and grad_entropy is None:
             return (None,) * 8
         dtype = lse.dtype
+        inv_temperature = 1.0 / ctx.temperature
         grad_logits = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, logits.shape[0])
+            g_lp = None if grad_log_prob is None else grad_log_prob[start:end].to(dtype)
             log_p = _scaled_chunk(logits, start, end, ctx.temperature, dtype).sub_(lse[start:end, None])
             p = torch.exp(log_p)
-            grad = log_p  # reuse the buffer: log_p is not needed after the entropy term
+            # d/dlogits_v = (1/temperature) * [ g_lp (1[v = target] - p_v) - g_H p_v (log p_v + H) ]
+            #             = p_v (a log p_v + b) + (g_lp / temperature) 1[v = target]
+            # with a = -g_H / temperature and b = -(g_H H + g_lp) / temperature: three passes.
             if grad_entropy is not None:
-                # d H / d x_v = -p_v (log p_v + H)
-                grad.add_(entropy[start:end, None]).mul_(p).mul_(-grad_entropy[start:end, None].to(dtype))
+                g_h = grad_entropy[start:end].to(dtype)
+                a = -g_h * inv_temperature
+                b = -(g_h * entropy[start:end] + (0.0 if g_lp is None else g_lp)) * inv_temperature
+                grad = log_p.mul_(a[:, None]).add_(b[:, None]).mul_(p)
+                del p
             else:
-                grad.zero_()
-            if grad_log_prob is not None:
-                # d log_prob / d x_v = 1[v = target] - p_v  (the one-hot only on the owning rank)
-                g = grad_log_prob[start:end].to(dtype)
-                grad.sub_(p.mul_(g[:, None]))
-                grad.scatter_add_(1, local_target[start:end, None], torch.where(owned[start:end], g, 0.0)[:, None])
-            del p
-            if ctx.temperature != 1.0:
-                grad.div_(ctx.temperature)
+                del log_p
+                grad = p.mul_((-g_lp * inv_temperature)[:, None])
+            if g_lp is not None:  # the one-hot term, only on the rank that owns the target id
+                one_hot = torch.where(owned[start:end], g_lp * inv_temperature, 0.0)
+                grad.scatter_add_(1, local_target[start:end, None], one_hot[:, None])
             grad_logits[start:end].copy_(grad)
+            del grad
         return grad_logits, None, None, None, None, None, None, None
 
 
