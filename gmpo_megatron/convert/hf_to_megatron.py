@@ -73,14 +73,19 @@ def _dtype_record(hf_dtypes: dict[str, torch.dtype]) -> dict:
 
 
 def _ensure_process_group() -> bool:
-    """Start a one-rank group on a fresh port when not under torchrun; True if we started it."""
-    from gmpo_megatron.megatron.parallel import free_port
+    """Start a one-rank process group (in-memory store, no port) unless torch.distributed is
+    already up or this is a multi-process launch; True if we started it (the caller tears down)."""
+    from datetime import timedelta
 
     if dist.is_initialized():
         return False
-    if os.environ.get("WORLD_SIZE", "1") == "1" and "TORCHELASTIC_RUN_ID" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True  # torchrun: init_distributed joins the launch's rendezvous
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=timedelta(minutes=30))
     return True
 
 

@@ -19,6 +19,8 @@ Key layouts understood (all produced by megatron-core 0.16 for the GPT model):
 - expert keys ``...mlp.experts.experts.linear_fc{1,2}.weight`` with a leading global expert axis
   (SequentialMLP and TE GroupedMLP share them), or ``...mlp.experts.experts.{E}.linear_fc..``
   (``singleton_local_shards``);
+- with ``singleton_local_shards`` the fc1 halves are separate keys ``<fc1>.weight_w`` (gate) and
+  ``<fc1>.weight_v`` (up); they are concatenated back into ``[gate; up]``;
 - Transformer-Engine norm names (``linear_qkv.layer_norm_weight``) are translated by
   ``gmpo_megatron.models.canonical_name``.
 
@@ -42,20 +44,39 @@ from gmpo_megatron.models import canonical_name
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _STACKED = re.compile(r"^decoder\.layers\.(?!\d+\.)(.+)$")
-_EXPERTS_STACKED = re.compile(r"^(.*)mlp\.experts\.experts\.(linear_fc[12]\.(?:weight|bias))$")
-_EXPERT_SINGLE = re.compile(r"^(.*)mlp\.experts\.experts\.(\d+)\.(linear_fc[12]\.(?:weight|bias))$")
+_FC = r"linear_fc[12]\.(?:weight|bias)(?:_[wv])?"
+_EXPERTS_STACKED = re.compile(rf"^(.*)mlp\.experts\.experts\.({_FC})$")
+_EXPERT_SINGLE = re.compile(rf"^(.*)mlp\.experts\.experts\.(\d+)\.({_FC})$")
+_GLU_HALF = re.compile(r"^(.*linear_fc1\.weight)_([wv])$")
 _VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 @dataclass(frozen=True)
-class StoredTensor:
-    """One canonical tensor inside a stored key: ``global[index...]`` (leading axes fixed)."""
+class StoredPart:
+    """A region ``global[index...]`` of one stored key (leading layer / expert axes fixed)."""
 
-    fqn: str  # the stored key
-    index: tuple[int, ...]  # fixed leading indices (layer and/or expert axes)
+    fqn: str
+    index: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One canonical tensor: its stored parts, concatenated along dim 0 (one part, or the gate
+    and up halves of a singleton-sharded fc1)."""
+
+    parts: tuple[StoredPart, ...]
     shape: tuple[int, ...]  # the canonical tensor's shape (vocab padding already trimmed)
     dtype: torch.dtype
     stored_rows: int | None = None  # rows in the checkpoint when padded (vocab), else None
+
+    @property
+    def fqn(self) -> str:
+        return self.parts[0].fqn
+
+    @property
+    def index(self) -> tuple[int, ...]:
+        return self.parts[0].index
 
     @property
     def nbytes(self) -> int:
@@ -100,20 +121,37 @@ class TorchDistCheckpoint:
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.tensors: dict[str, StoredTensor] = {}
         self.ignored_keys: list[str] = []
+        halves: dict[str, dict[str, tuple[StoredPart, torch.dtype]]] = {}
         for fqn, md in self.metadata.state_dict_metadata.items():
             if not isinstance(md, TensorStorageMetadata):
                 continue  # _extra_state and other pickled objects
             if not fqn.startswith(_MODEL_PREFIXES):
                 self.ignored_keys.append(fqn)
                 continue
-            for name, stored in _expand(fqn, tuple(md.size), md.properties.dtype):
-                if vocab_size is not None and name in _VOCAB_ROWS and stored.shape[0] > vocab_size:
-                    stored = StoredTensor(stored.fqn, stored.index, (vocab_size, *stored.shape[1:]),
-                                          stored.dtype, stored_rows=stored.shape[0])
-                if name in self.tensors:
-                    raise ConversionError(f"{self.directory}: tensor {name} is stored twice "
-                                          f"({self.tensors[name].fqn} and {fqn})")
-                self.tensors[name] = stored
+            for name, part in _expand(fqn, tuple(md.size)):
+                glu_half = _GLU_HALF.match(name)
+                if glu_half:
+                    halves.setdefault(glu_half.group(1), {})[glu_half.group(2)] = (
+                        part, md.properties.dtype)
+                    continue
+                stored = StoredTensor((part,), part.shape, md.properties.dtype)
+                if vocab_size is not None and name in _VOCAB_ROWS and part.shape[0] > vocab_size:
+                    stored = StoredTensor((part,), (vocab_size, *part.shape[1:]), stored.dtype,
+                                          stored_rows=part.shape[0])
+                self._add(name, stored)
+        for name, pair in halves.items():
+            if set(pair) != {"w", "v"} or pair["w"][1] != pair["v"][1]:
+                raise ConversionError(f"{self.directory}: {name} has fc1 halves {sorted(pair)} "
+                                      "(expected both _w and _v with one dtype)")
+            (gate, dtype), (up, _) = pair["w"], pair["v"]
+            self._add(name, StoredTensor((gate, up), (gate.shape[0] + up.shape[0], *gate.shape[1:]),
+                                         dtype))
+
+    def _add(self, name: str, stored: StoredTensor) -> None:
+        if name in self.tensors:
+            raise ConversionError(f"{self.directory}: tensor {name} is stored twice "
+                                  f"({self.tensors[name].fqn} and {stored.fqn})")
+        self.tensors[name] = stored
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: t.shape for name, t in self.tensors.items()}
@@ -132,34 +170,39 @@ class TorchDistCheckpoint:
             if stored is None:
                 raise ConversionError(f"tensor {name} is missing from the Megatron checkpoint in "
                                       f"{self.directory}")
-            lead = len(stored.index)
-            offsets = torch.Size(stored.index + (0,) * len(stored.shape))
-            sizes = torch.Size((1,) * lead + stored.shape)
-            buffer = torch.empty(sizes, dtype=stored.dtype)
-            key = (stored.fqn, tuple(offsets))
-            targets[key] = buffer
-            request = create_read_items_for_chunk_list(
-                stored.fqn, self.metadata.state_dict_metadata[stored.fqn],
-                [ChunkStorageMetadata(offsets=offsets, sizes=sizes)])
-            covered = sum(math.prod(item.lengths) for item in request)
-            if covered != buffer.numel():
-                raise ConversionError(
-                    f"{self.directory}: the stored chunks of {stored.fqn} cover {covered} of the "
-                    f"{buffer.numel()} elements of {name}: the checkpoint is incomplete (a rank's "
-                    "shard was never written)"
-                )
-            items.extend(request)
-            out[name] = buffer.reshape(stored.shape) if lead else buffer
+            result = torch.empty(stored.shape, dtype=stored.dtype)
+            row = 0
+            for part in stored.parts:
+                rows = min(part.shape[0], stored.shape[0] - row)  # vocab padding is not read
+                shape = (rows, *part.shape[1:])
+                lead = len(part.index)
+                offsets = torch.Size(part.index + (0,) * len(shape))
+                sizes = torch.Size((1,) * lead + shape)
+                target = result.narrow(0, row, rows).view(sizes)
+                targets[(part.fqn, tuple(offsets))] = target
+                request = create_read_items_for_chunk_list(
+                    part.fqn, self.metadata.state_dict_metadata[part.fqn],
+                    [ChunkStorageMetadata(offsets=offsets, sizes=sizes)])
+                covered = sum(math.prod(item.lengths) for item in request)
+                if covered != target.numel():
+                    raise ConversionError(
+                        f"{self.directory}: the stored chunks of {part.fqn} cover {covered} of "
+                        f"the {target.numel()} elements of {name}: the checkpoint is incomplete "
+                        "(a rank's shard was never written)"
+                    )
+                items.extend(request)
+                row += rows
+            out[name] = result
         self._reader.read_data(LoadPlan(items), _Planner(targets)).wait()
         return out
 
 
-def _expand(fqn: str, size: tuple[int, ...], dtype: torch.dtype):
-    """(canonical name, StoredTensor) for every canonical tensor inside the stored key ``fqn``."""
+def _expand(fqn: str, size: tuple[int, ...]):
+    """(canonical name, StoredPart) for every canonical tensor inside the stored key ``fqn``."""
     per_layer = _PER_LAYER.match(fqn)
     stacked = None if per_layer else _STACKED.match(fqn)
     if not per_layer and not stacked:
-        yield canonical_name(fqn) or fqn, StoredTensor(fqn, (), size, dtype)
+        yield canonical_name(fqn) or fqn, StoredPart(fqn, (), size)
         return
     if per_layer:
         layers: list[tuple[tuple[int, ...], int]] = [((), int(per_layer.group(1)))]
@@ -174,15 +217,15 @@ def _expand(fqn: str, size: tuple[int, ...], dtype: torch.dtype):
             expert = int(single.group(2))
             local = f"{single.group(1)}mlp.experts.local_experts.{expert}.{single.group(3)}"
             yield (canonical_name(f"decoder.layers.{layer}.{local}"),
-                   StoredTensor(fqn, lead, tuple(dims), dtype))
+                   StoredPart(fqn, lead, tuple(dims)))
         elif many:
             for expert in range(dims[0]):
                 local = f"{many.group(1)}mlp.experts.local_experts.{expert}.{many.group(2)}"
                 yield (canonical_name(f"decoder.layers.{layer}.{local}"),
-                       StoredTensor(fqn, lead + (expert,), tuple(dims[1:]), dtype))
+                       StoredPart(fqn, lead + (expert,), tuple(dims[1:])))
         else:
             yield (canonical_name(f"decoder.layers.{layer}.{rest}"),
-                   StoredTensor(fqn, lead, tuple(dims), dtype))
+                   StoredPart(fqn, lead, tuple(dims)))
 
 
 def _check_torch_dist(directory: str) -> None:

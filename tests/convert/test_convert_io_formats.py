@@ -1,0 +1,114 @@
+"""The streaming safetensors writer and the torch_dist reader on their own."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from convert_helpers import assert_same_tensors, hf_config
+from safetensors.torch import load_file
+
+from gmpo_megatron.convert.errors import ConversionError
+from gmpo_megatron.convert.megatron_to_hf import convert_megatron_to_hf
+from gmpo_megatron.convert.safetensors_writer import (
+    ShardedSafetensorsWriter,
+    TensorSpec,
+    parse_size,
+)
+from gmpo_megatron.convert.torch_dist_reader import TorchDistCheckpoint
+
+
+def _specs():
+    return [TensorSpec("b.weight", (10, 10), torch.float32), TensorSpec("a.weight", (5,), torch.bfloat16),
+            TensorSpec("c.weight", (40, 10), torch.float32), TensorSpec("d.q", (3, 3), torch.float8_e4m3fn)]
+
+
+def test_writer_shards_as_planned_and_files_load_with_safetensors(tmp_path):
+    specs = _specs()
+    writer = ShardedSafetensorsWriter(str(tmp_path), specs, max_shard_bytes=500)
+    tensors = {s.name: torch.randn(s.shape).to(s.dtype) for s in specs}
+    for spec in specs:
+        writer.write(spec.name, tensors[spec.name])
+        # a shard is closed (complete on disk) once its last tensor is written
+    files = writer.finish()
+    assert files == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                     "model-00003-of-00003.safetensors"]
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    assert index["metadata"]["total_size"] == sum(s.nbytes for s in specs)
+    loaded = {}
+    for name in files:
+        loaded.update(load_file(str(tmp_path / name)))
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype
+        assert torch.equal(loaded[name].view(torch.uint8), tensor.view(torch.uint8))
+        assert index["weight_map"][name] in files
+
+
+def test_writer_refuses_out_of_plan_tensors(tmp_path):
+    writer = ShardedSafetensorsWriter(str(tmp_path), _specs())
+    with pytest.raises(ConversionError, match="plan expected b.weight"):
+        writer.write("a.weight", torch.zeros(5, dtype=torch.bfloat16))
+    writer.write("b.weight", torch.zeros(10, 10))
+    with pytest.raises(ConversionError, match=r"\(5,\) torch.bfloat16"):
+        writer.write("a.weight", torch.zeros(5))
+    with pytest.raises(ConversionError, match="before writing 3 planned tensors"):
+        writer.finish()
+    writer.close()
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("1234") == 1234
+
+
+def _save_model(model, directory, metadata=None):
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(directory)
+    dist_checkpointing.save(model.sharded_state_dict(metadata=metadata), str(directory))
+
+
+def test_reader_understands_singleton_expert_keys_and_vocab_padding(hf_models, tmp_path):
+    """Trainer checkpoints may use ``singleton_local_shards`` (one key per expert) and a padded
+    vocab (Megatron-LM pads to a multiple of 128*TP): read both, drop the padding rows."""
+    from gmpo_megatron.convert.hf_io import open_hf_checkpoint
+    from gmpo_megatron.convert.hf_to_megatron import _ensure_process_group
+    from gmpo_megatron.megatron.model_builder import BuildOptions, build_model
+    from gmpo_megatron.megatron.parallel import init_distributed
+    from gmpo_megatron.megatron.weights import load_hf_weights
+    from gmpo_megatron.models import get_mapping
+
+    _ensure_process_group()
+    init_distributed()
+    padded = hf_config("qwen3_moe", vocab_size=128)
+    model = build_model(padded, BuildOptions())
+    config = hf_config("qwen3_moe")
+    with open_hf_checkpoint(hf_models["qwen3_moe"]) as ckpt:
+        def read(name):
+            tensor = ckpt.read(name)
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):  # pad 64 -> 128 rows
+                tensor = torch.cat([tensor, torch.full((64, tensor.shape[1]), 7.0)])
+            return tensor
+        mapping = get_mapping(padded)
+        load_hf_weights(model, mapping, read)
+    ckpt_dir = tmp_path / "trainer_ckpt"
+    _save_model(model, ckpt_dir, metadata={"singleton_local_shards": True})
+
+    reader = TorchDistCheckpoint(str(ckpt_dir), vocab_size=config.vocab_size)
+    stored = reader.tensors["decoder.layers.1.mlp.experts.local_experts.6.linear_fc2.weight"]
+    assert stored.fqn == "decoder.layers.1.mlp.experts.experts.6.linear_fc2.weight"
+    embedding = reader.tensors["embedding.word_embeddings.weight"]
+    assert embedding.shape == (64, 64) and embedding.stored_rows == 128
+
+    config_dir = tmp_path / "config"
+    config.save_pretrained(config_dir)
+    out = convert_megatron_to_hf(str(ckpt_dir), str(tmp_path / "out"),
+                                 hf_config_dir=str(config_dir), dtype="float32",
+                                 log=lambda message: None)
+    assert_same_tensors(hf_models["qwen3_moe"], out)
