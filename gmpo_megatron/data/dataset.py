@@ -72,7 +72,9 @@ class PromptDataset:
         return len(self.prompt_ids)
 
     def __getitem__(self, index: int) -> PromptRow:
-        return PromptRow(index, self.prompt_ids[index], self.ground_truths[index], self.data_sources[index], self.extra_infos[index])
+        return PromptRow(
+            index, self.prompt_ids[index], self.ground_truths[index], self.data_sources[index], self.extra_infos[index]
+        )
 
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         """The row order of `epoch`: a permutation of range(N), a pure function of (seed, epoch). [N]"""
@@ -108,6 +110,18 @@ class PromptDataset:
             )
 
 
+@dataclass(frozen=True)
+class _RowRules:
+    """How rows are read and checked (the keyword arguments of load_prompt_dataset)."""
+
+    tokenizer: Any
+    max_prompt_length: int
+    prompt_key: str
+    answer_key: str | None
+    data_source_key: str
+    add_special_tokens: bool
+
+
 def load_prompt_dataset(
     path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -127,15 +141,17 @@ def load_prompt_dataset(
     paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
     if not paths:
         raise DatasetError("no dataset files given; pass a .parquet or .jsonl path (or a list of them)")
+    rules = _RowRules(tokenizer, max_prompt_length, prompt_key, answer_key, data_source_key, add_special_tokens)
     dataset = PromptDataset([], [], [], [])
     for path in paths:
-        _load_file(os.fspath(path), dataset, tokenizer, max_prompt_length, prompt_key, answer_key, data_source_key, add_special_tokens, cache_dir)
+        _load_file(os.fspath(path), rules, dataset, cache_dir)
     if len(dataset) == 0:
         raise DatasetError(f"{paths}: the files hold no rows; generate data with data.tasks.write_task_parquet")
     return dataset
 
 
-def _load_file(path, dataset, tokenizer, max_prompt_length, prompt_key, answer_key, data_source_key, add_special_tokens, cache_dir) -> None:
+def _read_columns(path: str, cache_dir: str | None) -> dict[str, list]:
+    """column -> list of Python values (structs as dicts), read through HF datasets."""
     import datasets
 
     builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(os.path.splitext(path)[1].lower())
@@ -150,46 +166,59 @@ def _load_file(path, dataset, tokenizer, max_prompt_length, prompt_key, answer_k
             f"{path}: HF datasets could not read the file ({type(error).__name__}: {error}); "
             f"a jsonl column must hold the same type in every row"
         ) from error
-    columns = table.column_names
+    values = table.to_dict()
+    if builder == "json":
+        _restore_mixed_type_columns(path, table, values)
+    return values
+
+
+def _load_file(path: str, rules: _RowRules, dataset: PromptDataset, cache_dir: str | None) -> None:
+    """Appends the validated, tokenized rows of one file to `dataset`."""
+    values = _read_columns(path, cache_dir)
+    columns = list(values)
 
     def fail(row: int, column: str, problem: str, fix: str):
         raise DatasetError(f"{path}: row {row}, column {column!r}: {problem}; {fix}")
 
-    if prompt_key not in columns:
-        fail(0, prompt_key, f"missing (columns: {columns})", "rename the prompt column or pass prompt_key=")
-    ground_truth_column, ground_truth_of = _ground_truth_reader(columns, answer_key, fail)
-    values = table.to_dict()  # column -> list of python values (structs as dicts)
-    if builder == "json":
-        _restore_mixed_type_columns(path, table, values)
-    prompts = values[prompt_key]
-    ground_truth_values = values[ground_truth_column]
-    data_source_values = values.get(data_source_key)
-    extra_info_values = values.get("extra_info")
+    if rules.prompt_key not in values:
+        fail(0, rules.prompt_key, f"missing (columns: {columns})", "rename the prompt column or pass prompt_key=")
+    ground_truth_column, ground_truth_of = _ground_truth_reader(columns, rules.answer_key, fail)
+    prompts, ground_truths = values[rules.prompt_key], values[ground_truth_column]
+    data_sources, extra_infos = values.get(rules.data_source_key), values.get("extra_info")
     default_data_source = os.path.splitext(os.path.basename(path))[0]
+    tokenizer = rules.tokenizer
 
-    for row in range(len(table)):
-        text, is_chat_template = _prompt_text(prompts[row], tokenizer, lambda problem, fix: fail(row, prompt_key, problem, fix))
-        ids = tokenizer(text, add_special_tokens=add_special_tokens and not is_chat_template)["input_ids"]
+    for row in range(len(prompts)):
+        text, is_chat_template = _prompt_text(
+            prompts[row], tokenizer, lambda problem, fix: fail(row, rules.prompt_key, problem, fix)
+        )
+        ids = tokenizer(text, add_special_tokens=rules.add_special_tokens and not is_chat_template)["input_ids"]
         if not ids:
-            fail(row, prompt_key, "the prompt tokenizes to zero tokens", "drop the row or give it text")
-        if len(ids) > max_prompt_length:
-            fail(row, prompt_key, f"the prompt has {len(ids)} tokens, more than max_prompt_length={max_prompt_length}",
+            fail(row, rules.prompt_key, "the prompt tokenizes to zero tokens", "drop the row or give it text")
+        if len(ids) > rules.max_prompt_length:
+            fail(row, rules.prompt_key,
+                 f"the prompt has {len(ids)} tokens, more than max_prompt_length={rules.max_prompt_length}",
                  "raise max_prompt_length or drop/shorten the row")
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-            fail(row, prompt_key, f"characters {_unknown_characters(tokenizer, text)} are not in the tokenizer's vocabulary (they encode to {tokenizer.unk_token!r})",
+            fail(row, rules.prompt_key,
+                 f"characters {_unknown_characters(tokenizer, text)} are not in the tokenizer's vocabulary "
+                 f"(they encode to {tokenizer.unk_token!r})",
                  "remove them or use a tokenizer that covers them")
-        ground_truth = ground_truth_of(row, ground_truth_values[row])
+        ground_truth = ground_truth_of(row, ground_truths[row])
 
         data_source = default_data_source
-        if data_source_values is not None and data_source_values[row] is not None:
-            data_source = data_source_values[row]
+        if data_sources is not None and data_sources[row] is not None:
+            data_source = data_sources[row]
             if not isinstance(data_source, str) or not data_source:
-                fail(row, data_source_key, f"{data_source!r} ({type(data_source).__name__}) is not a non-empty string", "store the source name as a string, e.g. 'countdown'")
+                fail(row, rules.data_source_key,
+                     f"{data_source!r} ({type(data_source).__name__}) is not a non-empty string",
+                     "store the source name as a string, e.g. 'countdown'")
         extra_info = {}
-        if extra_info_values is not None and extra_info_values[row] is not None:
-            extra_info = extra_info_values[row]
+        if extra_infos is not None and extra_infos[row] is not None:
+            extra_info = extra_infos[row]
             if not isinstance(extra_info, dict):
-                fail(row, "extra_info", f"{extra_info!r} ({type(extra_info).__name__}) is not a mapping", "store extra_info as a struct/object, e.g. {'index': 0}")
+                fail(row, "extra_info", f"{extra_info!r} ({type(extra_info).__name__}) is not a mapping",
+                     "store extra_info as a struct/object, e.g. {'index': 0}")
 
         dataset.prompt_ids.append(list(ids))
         dataset.ground_truths.append(ground_truth)
@@ -210,9 +239,19 @@ def _restore_mixed_type_columns(path: str, table, values: dict[str, list]) -> No
     import json
 
     with open(path, encoding="utf-8") as file:
-        rows = [json.loads(line) for line in file if line.strip()]
-    if len(rows) != len(table):
-        raise DatasetError(f"{path}: datasets read {len(table)} rows but the file has {len(rows)} JSON lines; check the file is one JSON object per line")
+        text = file.read()
+    try:  # a .json file may hold one array of rows instead of one row per line
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path}: not valid JSON lines ({error}); write one JSON object per line") from error
+    if not isinstance(rows, list) or len(rows) != len(table):
+        raise DatasetError(
+            f"{path}: datasets read {len(table)} rows but the file holds {len(rows)} JSON rows; "
+            f"check the file is one JSON object per line"
+        )
     for column in mixed:
         values[column] = [row.get(column) if isinstance(row, dict) else None for row in rows]
 
@@ -242,7 +281,8 @@ def _ground_truth_reader(columns, answer_key, fail):
     for column in GROUND_TRUTH_COLUMNS:
         if column in columns:
             return column, lambda row, value, column=column: as_string(row, column, value)
-    fail(0, "reward_model", f"no ground-truth column: none of 'reward_model', {', '.join(map(repr, GROUND_TRUTH_COLUMNS))} exists (columns: {columns})",
+    candidates = ", ".join(repr(c) for c in ("reward_model",) + GROUND_TRUTH_COLUMNS)
+    fail(0, "reward_model", f"no ground-truth column: none of {candidates} exists (columns: {columns})",
          "add reward_model.ground_truth (verl) or pass answer_key= naming the ground-truth column")
 
 
@@ -258,7 +298,8 @@ def _prompt_text(prompt, tokenizer, fail) -> tuple[str, bool]:
         fail(f"{prompt!r} ({type(prompt).__name__}) is neither a string nor a non-empty chat list",
              "store the prompt as text or as [{'role': 'user', 'content': '...'}]")
     for turn, message in enumerate(prompt):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        well_formed = isinstance(message, dict) and all(isinstance(message.get(k), str) for k in ("role", "content"))
+        if not well_formed:
             fail(f"chat message {turn} is {message!r}, not {{'role': str, 'content': str}}",
                  "give every message a string role and content")
     if not "".join(message["content"] for message in prompt).strip():
@@ -271,4 +312,5 @@ def _prompt_text(prompt, tokenizer, fail) -> tuple[str, bool]:
 
 def _unknown_characters(tokenizer, text: str) -> list[str]:
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return sorted({text[start:end] for token_id, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]) if token_id == tokenizer.unk_token_id})
+    pieces = zip(encoding["input_ids"], encoding["offset_mapping"])
+    return sorted({text[start:end] for token_id, (start, end) in pieces if token_id == tokenizer.unk_token_id})

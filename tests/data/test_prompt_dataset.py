@@ -173,3 +173,11 @@ def test_batch_rows_carry_the_dataset_fields(arithmetic_dataset):
 def test_invalid_batch_arguments_are_refused(arithmetic_dataset, kwargs, message):
     with pytest.raises(ValueError, match=message):
         next(arithmetic_dataset.batches(**kwargs))
+
+
+def test_json_array_file_with_mixed_types_is_read_exactly(tmp_path, tokenizer):
+    path = tmp_path / "array.json"
+    path.write_text(json.dumps([{"prompt": "1+2=", "answer": "3"}, {"prompt": [{"role": "user", "content": "2+2="}], "answer": "4"}]))
+    dataset = load(str(path), tokenizer)
+    assert dataset.ground_truths == ["3", "4"]
+    assert [tokenizer.decode(ids) for ids in dataset.prompt_ids] == ["1+2=", "2+2="]
