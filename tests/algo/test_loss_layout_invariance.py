@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from gloo import run_gloo
+from algo_gloo import run_gloo
 from loss_batches import MODE_OPTIONS, MODE_SCALE, random_batch
 
 from gmpo_megatron.algo.metrics import Metrics

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from gloo import run_gloo
+from algo_gloo import run_gloo
 
 from gmpo_megatron.algo.metrics import Metrics, add_masked_stats, response_length_stats
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from gloo import run_gloo
+from algo_gloo import run_gloo
 
 from gmpo_megatron.algo.logprobs import token_log_probs
 
