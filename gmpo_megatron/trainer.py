@@ -205,10 +205,14 @@ class Trainer:
         start = time.perf_counter()
         self.weight_version += 1
         stream = iter_hf_weights(self.model, self.mapping)
-        if self.engine is not None:
-            self.engine.update_weights(stream, version=self.weight_version)
-        for _ in stream:  # other ranks (and any remainder) still take part in the collectives
-            pass
+        try:
+            if self.engine is not None:
+                self.engine.update_weights(stream, version=self.weight_version)
+        finally:
+            # Finish the gather collectives even if the engine refused the update (it stops
+            # reading on error): otherwise the other ranks would block inside them.
+            for _ in stream:
+                pass
         return time.perf_counter() - start
 
     # -- one step -------------------------------------------------------------------------------
@@ -328,9 +332,7 @@ class Trainer:
                 f"--resume: no finished checkpoint under {self.checkpoint_dir}; run without --resume "
                 "to start a new run"
             )
-        # Adam's state must exist before the optimizer's loading state dict is built.
-        self.optimizer.init_state_fn(self.optimizer.optimizer, self.optimizer.config) if hasattr(
-            self.optimizer, "init_state_fn") else None
+        ckpt.init_optimizer_state(self.optimizer)
         state = ckpt.load_checkpoint(latest, self.model, self.optimizer)
         self.step = int(state["step"])
         self.data_position = int(state["data_position"])

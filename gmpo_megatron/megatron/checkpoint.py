@@ -96,6 +96,26 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, trainer_state
     return final
 
 
+def init_optimizer_state(optimizer) -> None:
+    """Create Adam's state (exp_avg, exp_avg_sq, step) on every sub-optimizer. It must exist before
+    the optimizer's loading state dict is built: with torch Adam, a missing state gives
+    ``KeyError: 'step'`` / a failed step-count assertion on load (REFERENCE.md §2, item 10)."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        sub.init_state_fn(sub.optimizer, sub.config)
+        for state in sub.optimizer.state.values():  # torch Adam's init_state_fn creates no step
+            state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.16.1's DistributedOptimizer.load_state_dict (torch Adam path) gives every
+    parameter the *same* ``step`` tensor; Adam increments it in place once per parameter, so the
+    bias correction would run ahead after a resume. Give each parameter its own copy."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in sub.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].detach().clone()
+
+
 def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
     """Load model (+ optimizer, when given) from a finished checkpoint; returns the trainer state."""
     from megatron.core import dist_checkpointing
@@ -112,6 +132,7 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
     unwrap(model).load_state_dict(state["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+        _unshare_adam_steps(optimizer)
     return json.loads((path / TRAINER_STATE).read_text())
 
 

@@ -410,6 +410,39 @@ def fix_te_general_gemm() -> bool:
     return True
 
 
+_ADAM_STEP_FIX = [(
+    # (text as in the dedented method source)
+    """        for key in dst_tensors:
+            dst_tensors[key].copy_(tensors[key])""",
+    """        for key in dst_tensors:
+            if key == "step" and key not in tensors:
+                continue  # torch Adam's step is restored from param_groups, not per tensor
+            dst_tensors[key].copy_(tensors[key])""",
+)]
+
+
+def fix_torch_adam_step_restore() -> bool:
+    """megatron-core 0.16.1 bug without Apex/TE (torch Adam): loading a DistributedOptimizer
+    checkpoint copies every optimizer-state key of a parameter from the checkpoint's tensors,
+    including ``step``, which the checkpoint never holds per tensor: ``KeyError: 'step'`` on every
+    resume. Skip ``step`` there (it is restored from param_groups). patches/README.md has the file.
+    Returns True when this call applied the fix."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    target = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+    if distrib_optimizer.HAVE_APEX_OR_TE or target.__code__.co_filename.startswith("<gmpo"):
+        return False
+    import linecache  # the patch file may already be applied: then the text is not there
+
+    source = inspect.getsource(target)
+    linecache.checkcache()
+    if 'key == "step" and key not in tensors' in source:
+        return False
+    rewrite_function("megatron.core.optimizer.distrib_optimizer",
+                     "DistributedOptimizer._set_main_param_and_optimizer_states", _ADAM_STEP_FIX)
+    return True
+
+
 def apply() -> bool:
     """Make megatron-core usable on this machine; idempotent, cheap to call again.
 
@@ -429,6 +462,7 @@ def apply() -> bool:
     for name in _MEGATRON_MODULES:
         importlib.import_module(name)
     fix_te_general_gemm()
+    fix_torch_adam_step_restore()
     if not cuda_absent():
         return False
     _install_proxy()

@@ -131,7 +131,9 @@ def transformer_config(hf_config, opts: BuildOptions):
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=False,  # weights always come from an HF state dict (see trainer)
         calculate_per_token_loss=True,  # exact global normalisation: see megatron/train_step.py
-        variable_seq_lengths=True,
+        # Micro-batches differ in length; only pipeline p2p needs to be told (shapes are sent).
+        variable_seq_lengths=opts.pp > 1,
+        moe_token_dispatcher_type=opts.moe_dispatcher,
         # Fusions need apex / TE kernels; the local spec runs the plain torch paths.
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -157,7 +159,6 @@ def transformer_config(hf_config, opts: BuildOptions):
             moe_aux_loss_coeff=opts.moe_aux_loss_coeff,
             moe_z_loss_coeff=opts.moe_z_loss_coeff,
             moe_router_dtype=opts.moe_router_dtype,
-            moe_token_dispatcher_type=opts.moe_dispatcher,
             moe_grouped_gemm=bool(opts.use_te if opts.use_te is not None else te_available()),
             moe_permute_fusion=False,
             moe_router_bias_update_rate=0.0,
@@ -200,6 +201,11 @@ def _validate_layout(hf_config, opts: BuildOptions, heads: int, groups: int, is_
         problems.append(
             "parallel.cp > 1 needs Transformer-Engine attention (megatron-core's local attention "
             "asserts context_parallel_size == 1): run on GPU with the 'gpu' extra, or set parallel.cp=1"
+        )
+    if is_moe and opts.moe_dispatcher == "allgather" and opts.pp > 1:
+        problems.append(
+            "the allgather MoE dispatcher does not support variable sequence lengths, which "
+            "pipeline parallelism needs here: use parallel.moe_dispatcher=alltoall with parallel.pp > 1"
         )
     if opts.moe_dispatcher not in ("alltoall", "allgather"):
         problems.append(f"moe dispatcher {opts.moe_dispatcher!r} is not one of alltoall, allgather")

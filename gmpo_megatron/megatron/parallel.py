@@ -8,19 +8,12 @@ a plain single process (a one-rank gloo/NCCL group on a free localhost port).
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from gmpo_megatron.megatron import cpu_compat
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -55,14 +48,15 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = No
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain single process
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # torchrun (or a user-provided rendezvous)
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # a plain single process: an in-memory store, no TCP port to race for
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
     world = dist.get_world_size()
     etp = tp if etp is None else etp
     model_parallel = tp * pp * cp

@@ -1,0 +1,43 @@
+"""Bad config keys and values are rejected with the key and the allowed values."""
+
+import pytest
+
+from gmpo_megatron.cli import train_main
+from gmpo_megatron.config import ConfigError, load_config
+
+TINY = "examples/moe/tiny_cpu.yaml"
+
+
+def test_unknown_key_names_close_matches():
+    with pytest.raises(ConfigError, match="unknown config key 'train.stpes'.*train.steps"):
+        load_config(TINY, ["train.stpes=3"])
+
+
+def test_bad_literal_lists_allowed_values():
+    with pytest.raises(ConfigError, match="algorithm.loss.*'gmpo'.*'grpo'"):
+        load_config(TINY, ["algorithm.loss=ppo"])
+
+
+def test_gmpo_only_option_with_other_loss_is_rejected():
+    with pytest.raises(ConfigError, match="clip_level"):
+        load_config(TINY, ["algorithm.loss=grpo", "algorithm.clip_level=sequence"])
+
+
+def test_negative_parallel_size_rejected():
+    with pytest.raises(ConfigError, match="parallel.tp"):
+        load_config(TINY, ["parallel.tp=0"])
+
+
+def test_override_without_equals_rejected():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(TINY, ["train.steps"])
+
+
+def test_cli_exit_code_2_and_message(capsys):
+    assert train_main(["--config", TINY, "rollout.nn=3"]) == 2
+    assert "unknown config key 'rollout.nn'" in capsys.readouterr().err
+
+
+def test_overrides_are_typed():
+    cfg = load_config(TINY, ["train.lr=1e-4", "parallel.etp=null", "data.train_files=[a.parquet]"])
+    assert cfg.train.lr == 1e-4 and cfg.parallel.etp is None and cfg.data.train_files == ["a.parquet"]
