@@ -172,7 +172,10 @@ def main() -> None:
         f"{torch.get_num_threads() if not args.threads else args.threads} threads"
         + (f", per-worker cap {args.cap_gb:.1f} GiB" if args.device == "cpu" else "")
     )
-    header = "| TP | V/TP | logits GiB | naive peak GiB | ours peak GiB | memory naive/ours | naive s | ours s | time ours/naive |"
+    header = (
+        "| TP | V/TP | logits GiB | naive peak GiB | ours peak GiB | memory naive/ours "
+        "| naive s | ours s | time ours/naive |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for tp in args.tp:

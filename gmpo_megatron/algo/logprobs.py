@@ -147,7 +147,10 @@ def token_log_probs(
     if logits.dim() < 1 or not logits.is_floating_point():
         raise ValueError(f"logits must be a [T, V/TP] float tensor, got {logits.dtype} {tuple(logits.shape)}")
     if tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"target has shape {tuple(target.shape)}; expected {tuple(logits.shape[:-1])} (logits without the vocab dim)")
+        raise ValueError(
+            f"target has shape {tuple(target.shape)}; expected {tuple(logits.shape[:-1])} "
+            "(the logits' shape without the vocab dim)"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -164,7 +167,8 @@ def token_log_probs(
                 f"TP={tp_size}; got min {low}, max {high} (wrong tokenizer, or wrong tp_group?)"
             )
     log_prob, entropy = _VocabParallelTokenLogProbs.apply(
-        logits.reshape(-1, vocab_shard), target, tp_group, tp_rank, tp_size, float(temperature), chunk_size, with_entropy
+        logits.reshape(-1, vocab_shard), target, tp_group, tp_rank, tp_size,
+        float(temperature), chunk_size, with_entropy,
     )
     leading = logits.shape[:-1]
     return log_prob.view(leading), (entropy.view(leading) if with_entropy else None)

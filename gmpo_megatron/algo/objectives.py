@@ -32,13 +32,30 @@ class ClipStats(NamedTuple):
     dual: torch.Tensor | None = None  # A < 0 and the ratio is above the dual-clip cap
 
 
-def _one_sided_clip(x: torch.Tensor, sign: torch.Tensor, low: float, high: float) -> torch.Tensor:
+def _one_sided_clip(
+    x: torch.Tensor, sign: torch.Tensor, low: float, high: float, dual: float | None = None
+) -> torch.Tensor:
     """PPO's pessimistic clip, in log space: s * min(s*x, s*clamp(x, low, high)).
 
-    A > 0 (s = 1): min(x, high); A < 0 (s = -1): max(x, low); A = 0: 0. The bound that is not
-    active for the sign never applies, so a clipped unit gets exactly zero gradient.
+    A > 0 (s = 1): min(x, high); A < 0 (s = -1): max(x, low), and min(., dual) with a dual clip;
+    A = 0: 0. The bound that is not active for the sign never applies, so a clipped unit gets
+    exactly zero gradient.
     """
-    return sign * torch.minimum(sign * x, sign * x.clamp(low, high))
+    clipped = sign * torch.minimum(sign * x, sign * x.clamp(low, high))
+    if dual is not None:
+        clipped = torch.where(sign < 0, clipped.clamp(max=dual), clipped)
+    return clipped
+
+
+@torch.no_grad()
+def _log_space_clip_stats(x, sign, units, low, high, dual) -> ClipStats:
+    """Which units of `x` (token or summed log-ratios) lie beyond the bound active for sign(A)."""
+    return ClipStats(
+        low=units & (sign < 0) & (x < low),
+        high=units & (sign > 0) & (x > high),
+        units=units,
+        dual=None if dual is None else units & (sign < 0) & (x > dual),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,19 +96,11 @@ def gmpo_objective(
     lengths = mask.sum(-1)
     if clip_level == "token":
         # log_ratio is 0 outside the mask and the clip maps 0 to 0: a plain sum is the masked sum
-        clipped = _one_sided_clip(log_ratio, sign[:, None], -clip_eps_low, clip_eps_high)
-        if dual_clip is not None:
-            clipped = torch.where(sign[:, None] < 0, clipped.clamp(max=dual_clip), clipped)
-        seq_log_ratio = clipped.sum(-1)
-        units_ratio, units = log_ratio, mask
-        unit_sign = sign[:, None]
+        seq_log_ratio = _one_sided_clip(log_ratio, sign[:, None], -clip_eps_low, clip_eps_high, dual_clip).sum(-1)
+    elif clip_level == "sequence":
+        seq_log_ratio = _one_sided_clip(log_ratio.sum(-1), sign, -clip_eps_low, clip_eps_high, dual_clip)
     else:
         seq_log_ratio = log_ratio.sum(-1)
-        if clip_level == "sequence":
-            seq_log_ratio = _one_sided_clip(seq_log_ratio, sign, -clip_eps_low, clip_eps_high)
-            if dual_clip is not None:
-                seq_log_ratio = torch.where(sign < 0, seq_log_ratio.clamp(max=dual_clip), seq_log_ratio)
-        units_ratio, units, unit_sign = log_ratio.sum(-1), lengths > 0, sign
     if length_norm:
         seq_log_ratio = seq_log_ratio / lengths.clamp(min=1)
     # Rows that contribute nothing (padding, A = 0) get exponent 0: their loss is exactly 0 and no
@@ -100,16 +109,14 @@ def gmpo_objective(
     ratio = torch.exp(torch.where(live, seq_log_ratio, 0.0))
     loss_sum = (-advantages * ratio * weight).sum()
 
-    with torch.no_grad():
-        if clip_level == "none":
-            never = torch.zeros_like(mask)
-            return loss_sum, ClipStats(never, never, mask)
-        stats = ClipStats(
-            low=units & (unit_sign < 0) & (units_ratio < -clip_eps_low),
-            high=units & (unit_sign > 0) & (units_ratio > clip_eps_high),
-            units=units,
-            dual=None if dual_clip is None else units & (unit_sign < 0) & (units_ratio > dual_clip),
-        )
+    bounds = (-clip_eps_low, clip_eps_high, dual_clip)
+    if clip_level == "token":
+        stats = _log_space_clip_stats(log_ratio, sign[:, None], mask, *bounds)
+    elif clip_level == "sequence":
+        stats = _log_space_clip_stats(log_ratio.sum(-1), sign, lengths > 0, *bounds)
+    else:
+        never = torch.zeros_like(mask)
+        stats = ClipStats(never, never, mask)
     return loss_sum, stats
 
 

@@ -43,7 +43,7 @@ NormalizerKind = Literal["sequences", "tokens", "constant"]
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_eps(mode, opts, given, ratio_space):
+def _check_eps(mode, opts, ratio_space):
     for name in ("clip_eps_low", "clip_eps_high"):
         value = opts[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -56,7 +56,7 @@ def _check_eps(mode, opts, given, ratio_space):
 
 
 def _check_gmpo(mode, opts, given):
-    _check_eps(mode, opts, given, ratio_space=False)
+    _check_eps(mode, opts, ratio_space=False)
     if opts["clip_level"] not in ("token", "sequence", "none"):
         raise ValueError(f"gmpo: clip_level={opts['clip_level']!r}; allowed: 'token', 'sequence', 'none'")
     if not isinstance(opts["length_norm"], bool):
@@ -78,7 +78,7 @@ def _check_gmpo(mode, opts, given):
 
 
 def _check_ppo(mode, opts, given):
-    _check_eps(mode, opts, given, ratio_space=True)
+    _check_eps(mode, opts, ratio_space=True)
 
 
 def _check_dr_grpo(mode, opts, given):
@@ -99,24 +99,50 @@ class LossMode:
     sequence_level: bool  # one ratio per sequence: [B] advantages and per-sequence TIS weights
 
 
+_PPO_EPS = {"clip_eps_low": 0.2, "clip_eps_high": 0.2}
+
 LOSS_MODES: dict[str, LossMode] = {
     "gmpo": LossMode(
-        gmpo_objective,
-        {"clip_eps_low": 0.4, "clip_eps_high": 0.4, "clip_level": "token", "length_norm": True, "dual_clip": None},
-        _check_gmpo,
-        "sequences",
+        objective=gmpo_objective,
+        defaults={
+            "clip_eps_low": 0.4,
+            "clip_eps_high": 0.4,
+            "clip_level": "token",
+            "length_norm": True,
+            "dual_clip": None,
+        },
+        check=_check_gmpo,
+        normalizer_kind="sequences",
         sequence_level=True,
     ),
-    "grpo": LossMode(grpo_objective, {"clip_eps_low": 0.2, "clip_eps_high": 0.2}, _check_ppo, "sequences", False),
-    "dapo": LossMode(dapo_objective, {"clip_eps_low": 0.2, "clip_eps_high": 0.28}, _check_ppo, "tokens", False),
-    "dr_grpo": LossMode(
-        dr_grpo_objective,
-        {"clip_eps_low": 0.2, "clip_eps_high": 0.2, "max_response_length": None},
-        _check_dr_grpo,
-        "sequences",
+    "grpo": LossMode(
+        objective=grpo_objective,
+        defaults=_PPO_EPS,
+        check=_check_ppo,
+        normalizer_kind="sequences",
         sequence_level=False,
     ),
-    "gspo": LossMode(gspo_objective, {"clip_eps_low": 3e-4, "clip_eps_high": 4e-4}, _check_ppo, "sequences", True),
+    "dapo": LossMode(
+        objective=dapo_objective,
+        defaults={"clip_eps_low": 0.2, "clip_eps_high": 0.28},  # clip-higher
+        check=_check_ppo,
+        normalizer_kind="tokens",
+        sequence_level=False,
+    ),
+    "dr_grpo": LossMode(
+        objective=dr_grpo_objective,
+        defaults={**_PPO_EPS, "max_response_length": None},  # required: checked by _check_dr_grpo
+        check=_check_dr_grpo,
+        normalizer_kind="sequences",
+        sequence_level=False,
+    ),
+    "gspo": LossMode(
+        objective=gspo_objective,
+        defaults={"clip_eps_low": 3e-4, "clip_eps_high": 4e-4},
+        check=_check_ppo,
+        normalizer_kind="sequences",
+        sequence_level=True,
+    ),
 }
 
 _TIS_OPTIONS = ("tis_level", "tis_cap")
@@ -169,13 +195,9 @@ def local_normalizer(mode: str, response_mask: torch.Tensor, **options: Any) -> 
     Sum it over micro-batches and all-reduce (SUM) over data-parallel ranks to get the global
     `normalizer=` for `policy_loss`. response_mask `[B, T]`.
     """
-    kind = loss_normalizer_kind(mode, **options)
     mask = response_mask.bool()
-    if kind == "tokens":
-        return mask.sum().to(torch.float64)
-    if kind == "sequences":
-        return mask.any(-1).sum().to(torch.float64)
-    return torch.ones((), dtype=torch.float64, device=mask.device)
+    count = mask.sum() if loss_normalizer_kind(mode, **options) == "tokens" else mask.any(-1).sum()
+    return count.to(torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,11 +209,14 @@ def _check_inputs(log_prob, old_log_prob, advantages, response_mask, rollout_log
     if log_prob.dim() != 2 or not log_prob.is_floating_point():
         raise ValueError(f"log_prob must be a [B, T] float tensor, got {log_prob.dtype} {tuple(log_prob.shape)}")
     shape = tuple(log_prob.shape)
-    for name, tensor in (("old_log_prob", old_log_prob), ("response_mask", response_mask), ("rollout_log_prob", rollout_log_prob)):
+    others = {"old_log_prob": old_log_prob, "response_mask": response_mask, "rollout_log_prob": rollout_log_prob}
+    for name, tensor in others.items():
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} like log_prob")
     if tuple(advantages.shape) not in ((shape[0],), shape):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected [B]=({shape[0]},) or [B, T]={shape}")
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}; expected [B]=({shape[0]},) or [B, T]={shape}"
+        )
 
 
 def _divide(loss_sum: torch.Tensor, normalizer) -> torch.Tensor:

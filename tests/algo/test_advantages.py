@@ -97,7 +97,11 @@ def test_dynamic_sampling_filter_drops_all_equal_groups():
 @pytest.mark.parametrize(
     "call,error,message",
     [
-        (lambda r: compute_advantages("gmpo", r, 2), ValueError, r"unknown advantage mode 'gmpo'; allowed: \['dr_grpo', 'grpo', 'log_reward_baseline'\]"),
+        (
+            lambda r: compute_advantages("gmpo", r, 2),
+            ValueError,
+            r"unknown advantage mode 'gmpo'; allowed: \['dr_grpo', 'grpo', 'log_reward_baseline'\]",
+        ),
         (lambda r: compute_advantages("grpo", r, 2, normalize_std=False), ValueError, "does not take option normalize_std"),
         (lambda r: compute_advantages("dr_grpo", r, 2, log_reward_eps=0.1), ValueError, "belongs to \\['log_reward_baseline'\\]"),
         (lambda r: compute_advantages("grpo", r, 3), ValueError, "group size 3 does not divide the 4 rewards"),

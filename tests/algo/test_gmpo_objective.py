@@ -121,7 +121,10 @@ def test_gmpo_no_clip_extreme_log_ratio_is_finite_in_float32():
     torch.testing.assert_close(grad32.double(), grad64, rtol=1e-5, atol=1e-30)
 
 
-@pytest.mark.parametrize("mode,options", [("gmpo", {"clip_level": "none"}), ("gmpo", {"length_norm": False, "clip_level": "none"}), ("gspo", {})])
+@pytest.mark.parametrize(
+    "mode,options",
+    [("gmpo", {"clip_level": "none"}), ("gmpo", {"length_norm": False, "clip_level": "none"}), ("gspo", {})],
+)
 def test_zero_advantage_rows_stay_nan_free_when_their_ratio_overflows(mode, options):
     """A = 0 (and padding) rows contribute exactly 0 and a zero gradient even when exp of their
     log-ratio overflows float32 (0 * inf would be NaN)."""
