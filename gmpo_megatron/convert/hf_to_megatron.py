@@ -33,6 +33,7 @@ from gmpo_megatron.convert.hf_io import open_hf_checkpoint
 from gmpo_megatron.convert.megatron_ckpt import (
     HF_SUBDIR,
     MEGATRON_KIND,
+    converter_build_options,
     load_hf_config,
     save_megatron_model,
 )
@@ -93,7 +94,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 
                            etp: int | None = None, dtype: str = "auto", overwrite: bool = False,
                            log=print) -> str:
     """Convert; returns the output directory. Collective when run under torchrun."""
-    from gmpo_megatron.megatron.model_builder import BuildOptions, build_model
+    from gmpo_megatron.megatron.model_builder import build_model
     from gmpo_megatron.megatron.parallel import destroy_distributed, init_distributed
     from gmpo_megatron.megatron.weights import load_hf_weights
 
@@ -116,7 +117,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 
                 f"({ckpt.total_bytes() / 1e9:.2f} GB), layout tp={layout.tp} pp={layout.pp} "
                 f"ep={layout.ep} etp={layout.etp} on {layout.world_size} process(es), params "
                 f"{dtype_name(params_dtype)}")
-        model = build_model(hf_config, BuildOptions(tp=tp, pp=pp, ep=ep, etp=etp,
+        model = build_model(hf_config, converter_build_options(tp=tp, pp=pp, ep=ep, etp=etp,
                                                     params_dtype=params_dtype))
         check_megatron_config(hf_config, model)
         load_hf_weights(model, mapping, ckpt.read)

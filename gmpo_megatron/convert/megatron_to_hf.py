@@ -34,6 +34,7 @@ from gmpo_megatron.convert.hf_to_megatron import _ensure_process_group, dtype_na
 from gmpo_megatron.convert.megatron_ckpt import (
     HF_KIND,
     checkpoint_info,
+    converter_build_options,
     load_megatron_model,
     stored_dtype,
 )
@@ -98,10 +99,10 @@ def _model_tensors(info, mapping: QwenMapping, params_dtype: torch.dtype, tp: in
                    ep: int, etp: int | None) -> Iterator[tuple[str, torch.Tensor]]:
     """(canonical name, full tensor) gathered from a model built at the current layout (parallel
     state initialised by the caller), reordered into the mapping's order (buffering at most the tensors that arrive early: about one layer)."""
-    from gmpo_megatron.megatron.model_builder import BuildOptions, build_model
+    from gmpo_megatron.megatron.model_builder import build_model
     from gmpo_megatron.megatron.weights import iter_full_megatron_weights
 
-    model = build_model(info.hf_config, BuildOptions(tp=tp, pp=pp, ep=ep, etp=etp,
+    model = build_model(info.hf_config, converter_build_options(tp=tp, pp=pp, ep=ep, etp=etp,
                                                      params_dtype=params_dtype))
     check_megatron_config(info.hf_config, model)
     load_megatron_model(model, info.directory)

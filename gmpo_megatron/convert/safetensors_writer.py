@@ -3,8 +3,8 @@
 The full list of output tensors (name, shape, dtype) is known before any data exists (it follows
 from the HF config), so the writer plans every shard — its tensors, their byte offsets, its header —
 up front. A shard's file is opened and its header written when its first tensor arrives; each
-tensor's bytes are appended as it arrives and then dropped; the file is closed when its last tensor
-arrives. Memory is therefore one tensor, never one shard, and there is no second pass.
+tensor's bytes are appended as it arrives and then dropped; the file is fsync'ed and closed when its
+last tensor arrives (so the completion marker, written after, never vouches for unwritten data). Memory is therefore one tensor, never one shard, and there is no second pass.
 
 File format (https://github.com/huggingface/safetensors): 8-byte little-endian header length, a
 JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``
@@ -95,7 +95,9 @@ class ShardedSafetensorsWriter:
         self.bytes_written += spec.nbytes
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:
-            self._handle.close()  # the shard is complete on disk now
+            self._handle.flush()
+            os.fsync(self._handle.fileno())  # durable before the completion marker is written
+            self._handle.close()
             self._handle = None
 
     def finish(self) -> list[str]:

@@ -57,6 +57,9 @@ class StagedDir:
         return self.path
 
     def commit(self, marker: dict) -> str:
+        for root, _, files in os.walk(self.path):  # every byte durable before the marker vouches
+            for name in files:
+                _fsync_file(os.path.join(root, name))
         marker = {"format_version": FORMAT_VERSION,
                   "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **marker}
         path = os.path.join(self.path, MARKER)
@@ -75,6 +78,14 @@ class StagedDir:
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:

@@ -23,7 +23,12 @@ import torch.distributed as dist
 from gmpo_megatron.convert import fp8 as fp8_format
 from gmpo_megatron.convert.errors import ConversionError
 from gmpo_megatron.convert.hf_io import open_hf_checkpoint
-from gmpo_megatron.convert.megatron_ckpt import checkpoint_info, load_hf_config, load_megatron_model
+from gmpo_megatron.convert.megatron_ckpt import (
+    checkpoint_info,
+    converter_build_options,
+    load_hf_config,
+    load_megatron_model,
+)
 from gmpo_megatron.convert.validate import check_hf_config, compare_hf_configs
 from gmpo_megatron.models import get_mapping
 
@@ -116,7 +121,7 @@ def verify_logits(hf_dir: str, megatron_dir: str | None = None, *, tp: int = 1, 
                   max_abs_tolerance: float = 1e-4, min_cosine: float = 0.9999) -> LogitsReport:
     """Collective under torchrun; every rank returns the same report."""
     from gmpo_megatron.convert.hf_to_megatron import _ensure_process_group
-    from gmpo_megatron.megatron.model_builder import BuildOptions, build_model
+    from gmpo_megatron.megatron.model_builder import build_model
     from gmpo_megatron.megatron.parallel import destroy_distributed, init_distributed
     from gmpo_megatron.megatron.weights import load_hf_weights
 
@@ -132,7 +137,7 @@ def verify_logits(hf_dir: str, megatron_dir: str | None = None, *, tp: int = 1, 
     started = _ensure_process_group()
     try:
         layout = init_distributed(tp=tp, pp=pp, ep=ep, etp=etp)
-        model = build_model(hf_config, BuildOptions(tp=tp, pp=pp, ep=ep, etp=etp,
+        model = build_model(hf_config, converter_build_options(tp=tp, pp=pp, ep=ep, etp=etp,
                                                     params_dtype=dtype))
         if megatron_dir is not None:
             load_megatron_model(model, megatron_dir)

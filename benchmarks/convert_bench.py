@@ -1,0 +1,215 @@
+"""Converter throughput and memory against a plain file copy, on synthetic Qwen3-MoE checkpoints.
+
+    python benchmarks/convert_bench.py --layers 20 40 --workdir /tmp/convert_bench
+
+For each size: write a random bf16 Qwen3-MoE checkpoint with safetensors directly (no model is
+built), then time, each in its own child process:
+
+- ``copy``: ``shutil.copyfile`` of every file of the HF checkpoint, and ``copy + fsync`` (the
+  physical limit of a *durable* copy: both converters fsync their output before the completion
+  marker, and dist_checkpointing fsyncs every file it writes);
+- ``hf-to-megatron``: one process, TP1, writes torch_dist;
+- ``megatron-to-hf``: streaming reader, sharded safetensors;
+- ``megatron-to-hf --fp8``: the same with block-FP8 quantisation.
+
+Peak RSS is per operation: each runs under a fresh ``--measure`` wrapper process that reports
+``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of its one child (a process's own RUSAGE_CHILDREN is the
+maximum over *all* its waited-for children, so a shared parent could not separate them). Time is
+measured inside the child after its imports (``time``) and for the whole command (``wall``);
+GB/s is checkpoint bytes over ``time``. The inputs are in the page cache (just written), so
+reads cost memory bandwidth, not disk time; durable writes pay the disk. After the round trip the exported tensors are compared with
+the originals bit for bit (outside the timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SYNTHETIC = dict(  # Qwen3-MoE-shaped: GQA, head_dim != hidden / heads, QK-norm, many experts
+    hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+    intermediate_size=2048, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4,
+    norm_topk_prob=True, vocab_size=32768, max_position_embeddings=4096, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    decoder_sparse_step=1, mlp_only_layers=[],
+)
+
+
+def write_synthetic_checkpoint(directory: str, layers: int, shard_bytes: int = 1 << 30) -> int:
+    """Random bf16 tensors with the mapping's names and shapes; returns the total bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeConfig
+
+    from gmpo_megatron.models import get_mapping
+
+    config = Qwen3MoeConfig(num_hidden_layers=layers, dtype="bfloat16", **SYNTHETIC)
+    os.makedirs(directory)
+    config.save_pretrained(directory)
+    shapes = get_mapping(config).expected_hf_shapes()
+    generator = torch.Generator().manual_seed(0)
+    shards: list[dict] = [{}]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        tensor = torch.empty(shape, dtype=torch.bfloat16)
+        if "norm" in name:
+            tensor.uniform_(0.9, 1.1, generator=generator)
+        else:
+            tensor.uniform_(-0.05, 0.05, generator=generator)
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, os.path.join(directory, filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, filename))
+        total += sum(t.numel() * 2 for t in tensors.values())
+    shards.clear()
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    return total
+
+
+# The child programs. Imports happen before the clock starts.
+COPY = """
+import os, shutil, sys, time
+src, dst, durable = sys.argv[1], sys.argv[2], sys.argv[3] == "fsync"
+t = time.perf_counter()
+os.makedirs(dst)
+for name in sorted(os.listdir(src)):
+    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    if durable:
+        fd = os.open(os.path.join(dst, name), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+print("ELAPSED", time.perf_counter() - t)
+"""
+
+CONVERT = """
+import sys, time, warnings
+from gmpo_megatron.convert.cli import main
+warnings.filterwarnings("ignore")
+import transformers, megatron.core.dist_checkpointing
+import gmpo_megatron.megatron.model_builder, gmpo_megatron.convert.hf_to_megatron
+import gmpo_megatron.convert.megatron_to_hf
+t = time.perf_counter()
+code = main(sys.argv[1:])
+print("ELAPSED", time.perf_counter() - t)
+sys.exit(code)
+"""
+
+
+def measure(argv: list[str]) -> None:
+    """``--measure CMD...``: run CMD as this process's only child; print its wall time and
+    peak RSS as JSON on the last line."""
+    start = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    elapsed = None
+    for line in result.stdout.splitlines():
+        if line.startswith("ELAPSED"):
+            elapsed = float(line.split()[1])
+    print(json.dumps({"rc": result.returncode, "wall": wall, "time": elapsed,
+                      "peak_rss_gb": peak_kb * 1024 / 1e9,
+                      "stderr": result.stderr[-2000:] if result.returncode else ""}))
+
+
+def run_measured(program: str, args: list[str]) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--measure", sys.executable, "-c",
+               program, *args]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    if report["rc"] != 0:
+        raise RuntimeError(f"{args[:1]} failed:\n{report['stderr']}")
+    return report
+
+
+def bench_size(workdir: str, layers: int, fp8: bool) -> list[dict]:
+    root = os.path.join(workdir, f"L{layers}")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    hf, megatron = os.path.join(root, "hf"), os.path.join(root, "megatron")
+    total = write_synthetic_checkpoint(hf, layers)
+    gb = total / 1e9
+    rows = []
+
+    def record(operation: str, report: dict) -> None:
+        rows.append({"size_gb": gb, "layers": layers, "operation": operation, **report,
+                     "gb_per_s": gb / report["time"]})
+        print(f"  L{layers} {gb:.2f} GB {operation:24s} time {report['time']:7.2f} s  wall "
+              f"{report['wall']:7.2f} s  {gb / report['time']:6.3f} GB/s  peak RSS "
+              f"{report['peak_rss_gb']:.2f} GB", flush=True)
+
+    record("copy", run_measured(COPY, [hf, os.path.join(root, "copy"), "no"]))
+    shutil.rmtree(os.path.join(root, "copy"))
+    record("copy + fsync", run_measured(COPY, [hf, os.path.join(root, "copy"), "fsync"]))
+    shutil.rmtree(os.path.join(root, "copy"))
+    record("hf-to-megatron", run_measured(CONVERT, ["hf-to-megatron", "--hf-dir", hf,
+                                                    "--out-dir", megatron]))
+    out = os.path.join(root, "hf_out")
+    record("megatron-to-hf", run_measured(CONVERT, ["megatron-to-hf", "--megatron-dir", megatron,
+                                                    "--out-dir", out]))
+    check = subprocess.run([sys.executable, "-m", "gmpo_megatron.convert.cli", "verify", "--mode",
+                            "weights", "--hf-dir", hf, "--other-hf-dir", out],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    print("  round trip:", check.stdout.strip().splitlines()[-1] if check.stdout else check.stderr)
+    if check.returncode != 0:
+        raise RuntimeError("round trip is not bit-identical")
+    shutil.rmtree(out)
+    if fp8:
+        record("megatron-to-hf --fp8", run_measured(
+            CONVERT, ["megatron-to-hf", "--megatron-dir", megatron, "--out-dir", out, "--fp8"]))
+    shutil.rmtree(root)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    copy = {r["layers"]: r["time"] for r in rows if r["operation"] == "copy"}
+    durable = {r["layers"]: r["time"] for r in rows if r["operation"] == "copy + fsync"}
+    lines = ["| checkpoint | operation | time (s) | wall (s) | GB/s | vs copy | vs copy+fsync "
+             "| peak RSS (GB) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['size_gb']:.2f} GB ({r['layers']} layers) | {r['operation']} | "
+                     f"{r['time']:.2f} | {r['wall']:.2f} | {r['gb_per_s']:.2f} | "
+                     f"{r['time'] / copy[r['layers']]:.2f}x | "
+                     f"{r['time'] / durable[r['layers']]:.2f}x | {r['peak_rss_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--measure":
+        measure(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[20, 40],
+                        help="sizes to run (20 layers ~= 2.4 GB, 40 ~= 4.6 GB)")
+    parser.add_argument("--workdir", default="/tmp/convert_bench")
+    parser.add_argument("--no-fp8", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    rows = []
+    for layers in args.layers:
+        rows.extend(bench_size(args.workdir, layers, fp8=not args.no_fp8))
+    print()
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
