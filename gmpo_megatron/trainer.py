@@ -403,17 +403,10 @@ def _check_finite(row: dict[str, float]) -> None:
 
 
 def _checkpoint_layout_state(hf_model, mapping) -> dict[str, torch.Tensor]:
-    """An HF model's tensors under checkpoint names. transformers 5 fuses experts in memory, so the
-    names come from its own ``save_pretrained`` (per-expert on disk), read back with safetensors."""
-    import tempfile
+    """An HF model's tensors under checkpoint names (transformers 5 fuses experts in memory)."""
+    from gmpo_megatron.rollout.embedded import checkpoint_state_dict
 
-    from safetensors.torch import load_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model.save_pretrained(tmp)
-        state = {}
-        for path in sorted(Path(tmp).glob("*.safetensors")):
-            state.update(load_file(str(path)))
+    state = checkpoint_state_dict(hf_model)
     missing = [n for n in mapping.hf_names() if n not in state]
     if missing:
         raise KeyError(f"random-init HF model lacks {missing[:5]} ... ({len(missing)} tensors)")

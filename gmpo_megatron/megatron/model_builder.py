@@ -129,7 +129,10 @@ def transformer_config(hf_config, opts: BuildOptions):
         bf16=bf16,
         attention_softmax_in_fp32=True,
         use_cpu_initialization=not torch.cuda.is_available(),
-        perform_initialization=False,  # weights always come from an HF state dict (see trainer)
+        # Megatron tags tensor-parallel shards (tensor_model_parallel, partition_dim) inside its init
+        # functions: without initialisation the tags are missing and TP shards are taken for
+        # duplicates (wrong grad norm). The values are overwritten from an HF state dict anyway.
+        perform_initialization=True,
         calculate_per_token_loss=True,  # exact global normalisation: see megatron/train_step.py
         # Micro-batches differ in length; only pipeline p2p needs to be told (shapes are sent).
         variable_seq_lengths=opts.pp > 1,

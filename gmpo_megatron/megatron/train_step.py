@@ -208,12 +208,23 @@ def compute_old_log_probs(model_chunks, samples: list[Sample], batches: list[Mic
     outputs = run_schedule(model_chunks, batches, _old_log_prob_func, forward_only=True)
     for chunk in chunks:
         chunk.train()
+    local: list[tuple[int, list[float]]] = []
     for out in outputs or []:
         log_prob, indices = out["log_prob"], out["indices"]
         for row, index in enumerate(indices):
             s = samples[index]
             p, r = len(s.prompt_ids), len(s.response_ids)
-            s.old_log_probs = log_prob[row, p - 1 : p - 1 + r].tolist()
+            local.append((index, log_prob[row, p - 1 : p - 1 + r].tolist()))
+    # Each data-parallel rank scored its own share; the update's mini-batches are drawn from the
+    # whole batch, so every rank of the last stage needs every sample's old log-probs.
+    from megatron.core import parallel_state as ps
+
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1:
+        shares: list = [None] * ps.get_data_parallel_world_size()
+        torch.distributed.all_gather_object(shares, local, group=ps.get_data_parallel_group())
+        local = [item for share in shares for item in share]
+    for index, values in local:
+        samples[index].old_log_probs = values
 
 
 def train_on_batches(model_chunks, optimizer, batches: list[MicroBatch],

@@ -385,3 +385,10 @@ def _checkpoint_slots(model, config) -> tuple[dict[str, _CheckpointSlot], dict[s
             )
         slots[name] = _CheckpointSlot(tensor)
     return slots, tied
+
+
+def checkpoint_state_dict(model: transformers.PreTrainedModel) -> dict[str, torch.Tensor]:
+    """A live transformers model's weights under HF *checkpoint* names (per-expert tensors, no
+    tied ``lm_head``), as views: the in-memory -> on-disk translation without writing files."""
+    slots, _ = _checkpoint_slots(model, model.config)
+    return {name: slot.view().detach() for name, slot in slots.items()}
