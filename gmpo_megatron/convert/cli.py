@@ -19,12 +19,7 @@ import os
 import sys
 import warnings
 
-# Conversion is memory-bound: transparent huge pages for torch's large CPU allocations cut the
-# page-fault cost of every freshly allocated tensor by ~2x. torch reads this once, at its first
-# allocation, so it only takes effect when this module is imported before torch.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-from gmpo_megatron.convert.errors import ConversionError  # noqa: E402
+from gmpo_megatron.convert.errors import ConversionError
 
 
 def _layout_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -54,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--dtype", default="auto",
                      help="parameter dtype: auto (the checkpoint's widest float dtype: exact), bf16, "
                           "fp16, fp32")
+    imp.add_argument("--writer", choices=("auto", "stream", "model"), default="auto",
+                     help="stream: no model in memory, HF tensors streamed into the files (one "
+                          "process, TP1); model: build and fill the model at --tp/--pp/--ep/--etp "
+                          "and save it (torchrun); auto: stream when it can (default)")
     imp.add_argument("--overwrite", action="store_true",
                      help="replace --out-dir if it is a previous gmpo-convert output")
     _layout_args(imp, "the layout the conversion runs at; the output loads at any layout")
@@ -109,7 +108,8 @@ def _run(args, log) -> int:
         from gmpo_megatron.convert.hf_to_megatron import convert_hf_to_megatron
 
         convert_hf_to_megatron(args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp, ep=args.ep,
-                               etp=args.etp, dtype=args.dtype, overwrite=args.overwrite, log=log)
+                               etp=args.etp, dtype=args.dtype, writer=args.writer,
+                               overwrite=args.overwrite, log=log)
         return 0
     if args.command == "megatron-to-hf":
         from gmpo_megatron.convert.megatron_to_hf import convert_megatron_to_hf

@@ -91,12 +91,15 @@ def _ensure_process_group() -> bool:
 
 
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
-                           etp: int | None = None, dtype: str = "auto", overwrite: bool = False,
-                           log=print) -> str:
-    """Convert; returns the output directory. Collective when run under torchrun."""
-    from gmpo_megatron.megatron.model_builder import build_model
+                           etp: int | None = None, dtype: str = "auto", writer: str = "auto",
+                           overwrite: bool = False, log=print) -> str:
+    """Convert; returns the output directory. Collective when run under torchrun.
+
+    ``writer``: ``stream`` (one process: a meta-device model gives the structure, HF tensors are
+    streamed into the files, ``torch_dist_writer``), ``model`` (build this rank's model at the
+    layout, fill it, save it), ``auto`` (stream in one process at TP1/PP1/EP1, model otherwise).
+    """
     from gmpo_megatron.megatron.parallel import destroy_distributed, init_distributed
-    from gmpo_megatron.megatron.weights import load_hf_weights
 
     hf_dir = os.path.abspath(hf_dir)
     hf_config = load_hf_config(hf_dir)
@@ -107,6 +110,14 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 
     hf_dtypes = {name: ckpt.dtype(name) for name in mapping.hf_names()}
     params_dtype = choose_params_dtype(hf_dtypes, dtype)
     staged = StagedDir(out_dir, overwrite=overwrite)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if writer == "auto":
+        writer = "stream" if world == 1 and (tp, pp, ep, etp or tp) == (1, 1, 1, 1) else "model"
+    if writer not in ("stream", "model"):
+        raise ConversionError(f"writer {writer!r} is not one of 'auto', 'stream', 'model'")
+    if writer == "stream" and (world > 1 or (tp, pp, ep, etp or tp) != (1, 1, 1, 1)):
+        raise ConversionError("the stream writer runs in one process at TP1/PP1/EP1 (the output "
+                              "loads at any layout anyway); use --writer model with a layout")
 
     started = _ensure_process_group()
     try:
@@ -114,25 +125,25 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 
         rank0 = layout.rank == 0
         if rank0:
             log(f"hf-to-megatron: {hf_config.model_type}, {len(hf_dtypes)} HF tensors "
-                f"({ckpt.total_bytes() / 1e9:.2f} GB), layout tp={layout.tp} pp={layout.pp} "
-                f"ep={layout.ep} etp={layout.etp} on {layout.world_size} process(es), params "
-                f"{dtype_name(params_dtype)}")
-        model = build_model(hf_config, converter_build_options(tp=tp, pp=pp, ep=ep, etp=etp,
-                                                    params_dtype=params_dtype))
-        check_megatron_config(hf_config, model)
-        load_hf_weights(model, mapping, ckpt.read)
-        ckpt.close()
+                f"({ckpt.total_bytes() / 1e9:.2f} GB), {writer} writer, layout tp={layout.tp} "
+                f"pp={layout.pp} ep={layout.ep} etp={layout.etp} on {layout.world_size} "
+                f"process(es), params {dtype_name(params_dtype)}")
         try:
             if rank0:
                 staged.prepare()
             dist.barrier()
-            save_megatron_model(model, staged.path)
+            if writer == "stream":
+                _write_streaming(hf_config, mapping, ckpt, params_dtype, staged.path)
+            else:
+                _write_from_model(hf_config, mapping, ckpt, params_dtype, staged.path,
+                                  tp=tp, pp=pp, ep=ep, etp=etp)
             dist.barrier()
             if rank0:
                 os.makedirs(os.path.join(staged.path, HF_SUBDIR))
                 copied = copy_model_files(hf_dir, os.path.join(staged.path, HF_SUBDIR))
                 staged.commit({
                     "kind": MEGATRON_KIND, "source": hf_dir, "model_type": hf_config.model_type,
+                    "writer": writer,
                     "saved_at_layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
                                         "etp": layout.etp, "world_size": layout.world_size},
                     "params_dtype": dtype_name(params_dtype), "hf_dtypes": _dtype_record(hf_dtypes),
@@ -150,6 +161,34 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 
         if started:
             destroy_distributed()
     return staged.final
+
+
+def _write_from_model(hf_config, mapping, ckpt, params_dtype, directory, **layout) -> None:
+    """This rank's model at the layout, filled by ``load_hf_weights`` (each rank reads only its
+    tensors), saved by dist_checkpointing. Memory: this rank's share of the model."""
+    from gmpo_megatron.megatron.model_builder import build_model
+    from gmpo_megatron.megatron.weights import load_hf_weights
+
+    model = build_model(hf_config, converter_build_options(params_dtype=params_dtype, **layout))
+    check_megatron_config(hf_config, model)
+    load_hf_weights(model, mapping, ckpt.read)
+    save_megatron_model(model, directory)
+
+
+def _write_streaming(hf_config, mapping, ckpt, params_dtype, directory) -> None:
+    """Structure from a meta-device model, data streamed from the HF files (one chunk at a time)."""
+    from gmpo_megatron.convert.torch_dist_writer import HFChunkSource, save_streaming
+    from gmpo_megatron.megatron.model_builder import build_model
+
+    with torch.device("meta"):
+        meta_model = build_model(hf_config, converter_build_options(params_dtype=params_dtype))
+    check_megatron_config(hf_config, meta_model)
+    source = HFChunkSource(mapping, ckpt.read)
+    save_streaming(meta_model, source, directory)
+    unused = sorted(set(mapping.hf_names()) - source.names_read)
+    if unused:
+        raise ConversionError(f"the checkpoint structure never asked for HF tensor(s) {unused[:8]}: "
+                              "the Megatron model and the mapping disagree")
 
 
 def _megatron_version() -> str:

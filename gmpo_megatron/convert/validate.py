@@ -158,7 +158,10 @@ def check_megatron_config(hf_config, model) -> None:
         problems.append(f"share_embeddings_and_output_weights={gpt.share_embeddings_and_output_weights}"
                         f", HF tie_word_embeddings={c.tie_word_embeddings}")
     rotary = getattr(gpt, "rotary_pos_emb", None)
-    if rotary is not None:
+    if rotary is not None and rotary.inv_freq.is_meta:  # a structure-only (meta-device) model
+        if float(getattr(gpt, "rotary_base", rope_theta(c))) != rope_theta(c):
+            problems.append(f"rotary_base={gpt.rotary_base}, HF rope_theta={rope_theta(c)}")
+    elif rotary is not None:
         dim = _head_dim(c)
         inv_freq = 1.0 / (rope_theta(c) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         if rotary.inv_freq.shape != inv_freq.shape or not torch.allclose(

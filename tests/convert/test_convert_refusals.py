@@ -295,3 +295,8 @@ def test_leftover_staging_dir_from_a_killed_run_is_not_an_output(tmp_path):
     assert not (tmp_path / "out").exists()
     again = StagedDir(str(tmp_path / "out"))
     assert os.listdir(again.prepare()) == []
+
+
+def test_stream_writer_is_single_process_tp1(hf_models, tmp_path, capsys):
+    _refused(["hf-to-megatron", "--hf-dir", hf_models["qwen3"], "--out-dir", str(tmp_path / "m"),
+              "--writer", "stream", "--tp", "2"], capsys, "--writer model")

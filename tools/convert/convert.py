@@ -7,7 +7,7 @@ See docs/convert.md.
 
 import sys
 
-from gmpo_megatron.convert.cli import main  # first: it configures torch's allocator
+from gmpo_megatron.convert.cli import main
 
 if __name__ == "__main__":  # dist_checkpointing saves spawn processes: keep the guard
     sys.exit(main())
