@@ -165,8 +165,8 @@ class Trainer:
         if a.tis_level is not None:
             options.update(tis_level=a.tis_level, tis_cap=a.tis_cap)
         loss_normalizer_kind(a.loss, **options)  # validates the option combination up front
-        return LossSettings(a.loss, options, self.cfg.rollout.temperature or 1.0, a.entropy_coef,
-                            a.tis_level is not None)
+        # temperature 0 is greedy sampling; its log-probs are those of softmax(logits), i.e. T = 1
+        return LossSettings(a.loss, options, self.cfg.rollout.temperature or 1.0, a.entropy_coef)
 
     def _initial_hf_state(self):
         """A reader of HF tensors: the configured checkpoint, or a seeded random init (identical on

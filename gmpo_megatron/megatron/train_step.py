@@ -22,7 +22,7 @@ import torch
 
 from gmpo_megatron.algo.logprobs import token_log_probs
 from gmpo_megatron.algo.metrics import Metrics
-from gmpo_megatron.algo.policy_loss import local_normalizer, policy_loss
+from gmpo_megatron.algo.policy_loss import local_normalizer, loss_normalizer_kind, policy_loss
 
 
 @dataclass
@@ -127,7 +127,6 @@ class LossSettings:
     options: dict[str, Any]
     temperature: float
     entropy_coef: float
-    use_tis: bool
 
 
 def _log_probs_of(output: torch.Tensor, batch: MicroBatch, temperature: float, with_entropy: bool):
@@ -144,22 +143,25 @@ def _log_probs_of(output: torch.Tensor, batch: MicroBatch, temperature: float, w
 
 def _policy_loss_func(batch: MicroBatch, settings: LossSettings, output: torch.Tensor):
     log_prob, entropy = _log_probs_of(output, batch, settings.temperature, True)
+    # rollout_log_prob always goes in: policy_loss reports |old - rollout| (the train / rollout
+    # mismatch) and applies truncated IS only when the options ask for it.
     loss, metrics = policy_loss(
         settings.mode, log_prob, batch.old_log_prob, batch.advantages, batch.response_mask,
         normalizer=1.0,  # un-normalised sum; Megatron divides by the global count (module doc)
-        rollout_log_prob=batch.rollout_log_prob if settings.use_tis else None,
-        **settings.options,
+        rollout_log_prob=batch.rollout_log_prob, **settings.options,
     )
     mask = batch.response_mask
-    lengths = mask.sum(-1).clamp(min=1)
-    seq_entropy = (torch.where(mask, entropy, 0.0).sum(-1) / lengths)
+    token_entropy = torch.where(mask, entropy, 0.0)
     if settings.entropy_coef:
-        loss = loss - settings.entropy_coef * seq_entropy[mask.any(-1)].sum()
+        # The bonus is summed in the loss's own units, so Megatron's division by the global count
+        # turns it into the mean entropy per token (token-mean losses) or per sequence.
+        if loss_normalizer_kind(settings.mode, **settings.options) == "tokens":
+            bonus = token_entropy.sum()
+        else:
+            bonus = (token_entropy.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+        loss = loss - settings.entropy_coef * bonus
     with torch.no_grad():
-        metrics.add_mean("entropy", torch.where(mask, entropy, 0.0).sum(), mask.sum())
-        abs_diff = (batch.old_log_prob - batch.rollout_log_prob).abs()
-        metrics.add_mean("rollout_logp_abs_diff_mean", torch.where(mask, abs_diff, 0.0).sum(), mask.sum())
-        metrics.add_max("rollout_logp_abs_diff_max", torch.where(mask, abs_diff, 0.0).max())
+        metrics.add_mean("entropy", token_entropy.sum(), mask.sum())
         count = local_normalizer(settings.mode, mask, **settings.options)
         metrics.add_mean("loss", loss.detach().to(torch.float64), count)
     return loss, count.to(torch.int), {"metrics": metrics}
