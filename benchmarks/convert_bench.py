@@ -1,9 +1,9 @@
 """Converter throughput and memory against a plain file copy, on synthetic Qwen3-MoE checkpoints.
 
-    python benchmarks/convert_bench.py --layers 20 40 --workdir /tmp/convert_bench
+    python benchmarks/convert_bench.py --layers 1 3 --workdir /tmp/convert_bench
 
-For each size: write a random bf16 Qwen3-MoE checkpoint with safetensors directly (no model is
-built), then time, each in its own child process:
+For each size: write a random bf16 checkpoint with Qwen3-30B-A3B's tensor shapes and fewer layers
+with safetensors directly (no model is built), then time, each in its own child process:
 
 - ``copy``: ``shutil.copyfile`` of every file of the HF checkpoint, and ``copy + fsync`` (the
   physical limit of a *durable* copy: both converters fsync their output before the completion
@@ -12,10 +12,13 @@ built), then time, each in its own child process:
 - ``megatron-to-hf``: streaming reader, sharded safetensors;
 - ``megatron-to-hf --fp8``: the same with block-FP8 quantisation.
 
+Every operation runs ``--rounds`` times, interleaved (the machine may be shared: the table gives the
+best and the median), after an ``os.sync()`` so no operation pays for another's dirty pages.
 Peak RSS is per operation: each runs under a fresh ``--measure`` wrapper process that reports
 ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of its one child (a process's own RUSAGE_CHILDREN is the
 maximum over *all* its waited-for children, so a shared parent could not separate them). Time is
-measured inside the child after its imports (``time``) and for the whole command (``wall``);
+measured inside the child after its imports (``time``; torch, transformers and megatron-core
+imports take ~5 s more on 2 cores);
 GB/s is checkpoint bytes over ``time``. The inputs are in the page cache (just written), so
 reads cost memory bandwidth, not disk time; durable writes pay the disk. After the round trip the exported tensors are compared with
 the originals bit for bit (outside the timings).
@@ -34,10 +37,12 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SYNTHETIC = dict(  # Qwen3-MoE-shaped: GQA, head_dim != hidden / heads, QK-norm, many experts
-    hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
-    intermediate_size=2048, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4,
-    norm_topk_prob=True, vocab_size=32768, max_position_embeddings=4096, rms_norm_eps=1e-6,
+# Qwen3-30B-A3B's config (REFERENCE.md §3) with fewer layers: every tensor has its real shape
+# (128 experts of 768 x 2048, 151936-row embedding and lm_head), so per-tensor costs are real too.
+SYNTHETIC = dict(
+    hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+    norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     decoder_sparse_step=1, mlp_only_layers=[],
 )
@@ -102,6 +107,7 @@ import sys, time, warnings
 from gmpo_megatron.convert.cli import main
 warnings.filterwarnings("ignore")
 import transformers, megatron.core.dist_checkpointing
+from transformers import Qwen3MoeConfig
 import gmpo_megatron.megatron.model_builder, gmpo_megatron.convert.hf_to_megatron
 import gmpo_megatron.convert.megatron_to_hf
 t = time.perf_counter()
@@ -138,53 +144,66 @@ def run_measured(program: str, args: list[str]) -> dict:
     return report
 
 
-def bench_size(workdir: str, layers: int, fp8: bool) -> list[dict]:
+def bench_size(workdir: str, layers: int, fp8: bool, rounds: int) -> list[dict]:
+    """``rounds`` interleaved rounds of every operation; each row keeps every round's numbers."""
     root = os.path.join(workdir, f"L{layers}")
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
-    hf, megatron = os.path.join(root, "hf"), os.path.join(root, "megatron")
+    hf = os.path.join(root, "hf")
     total = write_synthetic_checkpoint(hf, layers)
     gb = total / 1e9
-    rows = []
+    results: dict[str, list[dict]] = {}
 
-    def record(operation: str, report: dict) -> None:
-        rows.append({"size_gb": gb, "layers": layers, "operation": operation, **report,
-                     "gb_per_s": gb / report["time"]})
-        print(f"  L{layers} {gb:.2f} GB {operation:24s} time {report['time']:7.2f} s  wall "
-              f"{report['wall']:7.2f} s  {gb / report['time']:6.3f} GB/s  peak RSS "
-              f"{report['peak_rss_gb']:.2f} GB", flush=True)
+    def measured(operation: str, program: str, args: list[str], cleanup: list[str]) -> None:
+        os.sync()  # start every operation with no dirty pages left by the previous one
+        report = run_measured(program, args)
+        results.setdefault(operation, []).append(report)
+        print(f"  L{layers} {gb:.2f} GB {operation:22s} time {report['time']:7.2f} s  wall "
+              f"{report['wall']:6.2f} s  peak RSS {report['peak_rss_gb']:.2f} GB", flush=True)
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)
 
-    record("copy", run_measured(COPY, [hf, os.path.join(root, "copy"), "no"]))
-    shutil.rmtree(os.path.join(root, "copy"))
-    record("copy + fsync", run_measured(COPY, [hf, os.path.join(root, "copy"), "fsync"]))
-    shutil.rmtree(os.path.join(root, "copy"))
-    record("hf-to-megatron", run_measured(CONVERT, ["hf-to-megatron", "--hf-dir", hf,
-                                                    "--out-dir", megatron]))
-    out = os.path.join(root, "hf_out")
-    record("megatron-to-hf", run_measured(CONVERT, ["megatron-to-hf", "--megatron-dir", megatron,
-                                                    "--out-dir", out]))
-    check = subprocess.run([sys.executable, "-m", "gmpo_megatron.convert.cli", "verify", "--mode",
-                            "weights", "--hf-dir", hf, "--other-hf-dir", out],
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
-    print("  round trip:", check.stdout.strip().splitlines()[-1] if check.stdout else check.stderr)
-    if check.returncode != 0:
-        raise RuntimeError("round trip is not bit-identical")
-    shutil.rmtree(out)
-    if fp8:
-        record("megatron-to-hf --fp8", run_measured(
-            CONVERT, ["megatron-to-hf", "--megatron-dir", megatron, "--out-dir", out, "--fp8"]))
+    copy, megatron, out = (os.path.join(root, n) for n in ("copy", "megatron", "hf_out"))
+    for round_index in range(rounds):
+        measured("copy", COPY, [hf, copy, "no"], [copy])
+        measured("copy + fsync", COPY, [hf, copy, "fsync"], [copy])
+        shutil.rmtree(megatron, ignore_errors=True)
+        measured("hf-to-megatron", CONVERT, ["hf-to-megatron", "--hf-dir", hf, "--out-dir", megatron],
+                 [])
+        measured("megatron-to-hf", CONVERT, ["megatron-to-hf", "--megatron-dir", megatron,
+                                             "--out-dir", out], [])
+        if round_index == 0:
+            check = subprocess.run(
+                [sys.executable, "-m", "gmpo_megatron.convert.cli", "verify", "--mode", "weights",
+                 "--hf-dir", hf, "--other-hf-dir", out],
+                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+            print("  round trip:", (check.stdout or check.stderr).strip().splitlines()[-1])
+            if check.returncode != 0:
+                raise RuntimeError("round trip is not bit-identical")
+        shutil.rmtree(out, ignore_errors=True)
+        if fp8:
+            measured("megatron-to-hf --fp8", CONVERT, ["megatron-to-hf", "--megatron-dir",
+                                                       megatron, "--out-dir", out, "--fp8"], [out])
     shutil.rmtree(root)
+    rows = []
+    for operation, reports in results.items():
+        times = sorted(r["time"] for r in reports)
+        rows.append({"size_gb": gb, "layers": layers, "operation": operation,
+                     "time": times[0], "median": times[len(times) // 2],
+                     "wall": min(r["wall"] for r in reports),
+                     "peak_rss_gb": max(r["peak_rss_gb"] for r in reports),
+                     "gb_per_s": gb / times[0], "rounds": reports})
     return rows
 
 
 def table(rows: list[dict]) -> str:
     copy = {r["layers"]: r["time"] for r in rows if r["operation"] == "copy"}
     durable = {r["layers"]: r["time"] for r in rows if r["operation"] == "copy + fsync"}
-    lines = ["| checkpoint | operation | time (s) | wall (s) | GB/s | vs copy | vs copy+fsync "
+    lines = ["| checkpoint | operation | best (s) | median (s) | GB/s | vs copy | vs copy+fsync "
              "| peak RSS (GB) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['size_gb']:.2f} GB ({r['layers']} layers) | {r['operation']} | "
-                     f"{r['time']:.2f} | {r['wall']:.2f} | {r['gb_per_s']:.2f} | "
+                     f"{r['time']:.2f} | {r['median']:.2f} | {r['gb_per_s']:.2f} | "
                      f"{r['time'] / copy[r['layers']]:.2f}x | "
                      f"{r['time'] / durable[r['layers']]:.2f}x | {r['peak_rss_gb']:.2f} |")
     return "\n".join(lines)
@@ -195,15 +214,18 @@ def main() -> None:
         measure(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[20, 40],
-                        help="sizes to run (20 layers ~= 2.4 GB, 40 ~= 4.6 GB)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 3],
+                        help="sizes to run: Qwen3-30B-A3B layers (1 ~= 2.5 GB, 3 ~= 4.9 GB; "
+                             "48 would be the real 61 GB model)")
     parser.add_argument("--workdir", default="/tmp/convert_bench")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds; the table shows the best and the median")
     parser.add_argument("--no-fp8", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
     rows = []
     for layers in args.layers:
-        rows.extend(bench_size(args.workdir, layers, fp8=not args.no_fp8))
+        rows.extend(bench_size(args.workdir, layers, fp8=not args.no_fp8, rounds=args.rounds))
     print()
     print(table(rows))
     if args.json:

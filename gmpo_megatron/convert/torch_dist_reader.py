@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from gmpo_megatron.convert.errors import ConversionError
+from gmpo_megatron.convert.hf_io import read_into
 from gmpo_megatron.models import canonical_name
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
@@ -121,6 +122,7 @@ class TorchDistCheckpoint:
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.tensors: dict[str, StoredTensor] = {}
         self.ignored_keys: list[str] = []
+        self.direct_reads = self.dcp_reads = 0  # chunks read by _read_direct / by DCP's reader
         halves: dict[str, dict[str, tuple[StoredPart, torch.dtype]]] = {}
         for fqn, md in self.metadata.state_dict_metadata.items():
             if not isinstance(md, TensorStorageMetadata):
@@ -193,8 +195,62 @@ class TorchDistCheckpoint:
                 items.extend(request)
                 row += rows
             out[name] = result
-        self._reader.read_data(LoadPlan(items), _Planner(targets)).wait()
+        slow = [item for item in items if not self._read_direct(item, targets)]
+        self.direct_reads += len(items) - len(slow)
+        self.dcp_reads += len(slow)
+        if slow:
+            self._reader.read_data(LoadPlan(slow), _Planner(targets)).wait()
         return out
+
+    def _read_direct(self, item, targets) -> bool:
+        """Read one stored chunk straight into its destination, if it is the plain case.
+
+        DCP stores each chunk as a small ``torch.save`` zip archive; ``read_data`` would
+        ``torch.load`` it (allocate + read) and then copy it into our buffer. When the request is a
+        whole stored chunk, the destination is contiguous and the archive holds one contiguous
+        storage of exactly that tensor (always so for chunks Megatron or our writer saved), the
+        archive's data record is read with one ``readinto`` into the destination instead: same
+        bytes, no intermediate tensor. Anything else (or any surprise) takes DCP's path."""
+        from torch.distributed.checkpoint.filesystem import _create_file_view
+
+        info = self._reader.storage_data[item.storage_index]
+        chunk = self.metadata.state_dict_metadata[item.storage_index.fqn].chunks[
+            item.storage_index.index]
+        target = _Planner(targets).resolve_tensor(item)
+        if (info.transform_descriptors or any(item.storage_offsets)
+                or tuple(item.lengths) != tuple(chunk.sizes) or not target.is_contiguous()):
+            return False
+        handle = self._handle(info.relative_path)
+        try:
+            view = _create_file_view(handle, info.offset, info.length)
+            archive = torch._C.PyTorchFileReader(view)
+            records = [r for r in archive.get_all_records() if r.startswith("data/")]
+            if records != ["data/0"]:
+                return False
+            record_offset = archive.get_record_offset("data/0")
+            view.seek(0)
+            with torch.serialization.skip_data():
+                stored = torch.load(view, weights_only=True)
+        except Exception:
+            return False
+        if (not isinstance(stored, torch.Tensor) or stored.dtype != target.dtype
+                or tuple(stored.shape) != tuple(target.shape) or not stored.is_contiguous()
+                or stored.storage_offset() != 0
+                or stored.untyped_storage().nbytes() != target.numel() * target.element_size()):
+            return False
+        read_into(handle, info.offset + record_offset, target)
+        return True
+
+    def _handle(self, relative_path: str):
+        handles = self.__dict__.setdefault("_handles", {})
+        if relative_path not in handles:
+            handles[relative_path] = open(os.path.join(self.directory, relative_path), "rb",
+                                          buffering=0)
+        return handles[relative_path]
+
+    def close(self) -> None:
+        for handle in self.__dict__.pop("_handles", {}).values():
+            handle.close()
 
 
 def _expand(fqn: str, size: tuple[int, ...]):
