@@ -24,8 +24,9 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    hf_config: str = "tiny-qwen3-moe"
-    """A preset name (tiny-qwen3-moe) or a local HF model directory / config.json."""
+    hf_config: str | None = "tiny-qwen3-moe"
+    """A preset name (tiny-qwen3-moe, ...) or a local HF model directory / config.json; null:
+    the config.json of hf_checkpoint. Given together with hf_checkpoint, the two must agree."""
     hf_checkpoint: str | None = None
     """Local HF directory with safetensors to start from; None: random init (seeded) from hf_config."""
     tokenizer: str = "task"
@@ -160,10 +161,10 @@ class Config(_Section):
                 f"algorithm.clip_level / algorithm.length_norm are GMPO options (paper Table 4) "
                 f"but algorithm.loss={alg.loss!r}: remove them or set algorithm.loss=gmpo"
             )
+        if self.model.hf_config is None and self.model.hf_checkpoint is None:
+            raise ValueError("model.hf_config=null needs model.hf_checkpoint (a local HF directory)")
         if not self.data.train_files and self.data.task is None:
             raise ValueError("no data: set data.train_files=[...] or data.task=arithmetic|countdown")
-        if self.data.train_files and self.model.tokenizer == "task" and self.data.task is None:
-            pass  # a user file tokenized with the task tokenizer is allowed (char-level)
         return self
 
     # -- I/O ------------------------------------------------------------------------------

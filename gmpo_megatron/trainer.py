@@ -66,7 +66,13 @@ class Trainer:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
-        self.hf_config = load_hf_config(cfg.model.hf_config)
+        self.hf_config = load_hf_config(cfg.model.hf_config or cfg.model.hf_checkpoint)
+        if cfg.model.hf_checkpoint and cfg.model.hf_config:
+            from gmpo_megatron.convert.validate import compare_hf_configs
+
+            compare_hf_configs(load_hf_config(cfg.model.hf_checkpoint), self.hf_config,
+                               f"model.hf_checkpoint ({cfg.model.hf_checkpoint})",
+                               f"model.hf_config ({cfg.model.hf_config})")
         self.mapping = get_mapping(self.hf_config)
         self.tokenizer = self._load_tokenizer()
         self.dataset = self._load_dataset()
@@ -173,8 +179,14 @@ class Trainer:
         every rank and at every layout, because it is made in HF space before sharding)."""
         if self.cfg.model.hf_checkpoint:
             from gmpo_megatron.convert.hf_io import open_hf_checkpoint
+            from gmpo_megatron.convert.validate import check_hf_config, check_hf_tensors
 
-            return open_hf_checkpoint(self.cfg.model.hf_checkpoint).read
+            # The same refusals as the converter: a config it cannot reproduce exactly, or a
+            # missing / unexpected / wrongly shaped tensor, stops the run before any step.
+            check_hf_config(self.hf_config)
+            checkpoint = open_hf_checkpoint(self.cfg.model.hf_checkpoint)
+            check_hf_tensors(checkpoint, self.mapping)
+            return checkpoint.read
         from transformers import AutoModelForCausalLM
 
         with torch.random.fork_rng(devices=[]):
@@ -347,6 +359,10 @@ class Trainer:
         metrics_path = self.output_dir / "metrics.jsonl"
         if self.rank == 0:
             (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+            # The HF side of the run (config + tokenizer): what `gmpo-convert megatron-to-hf
+            # --hf-config-dir <output_dir>/hf` needs to export any checkpoint of this run.
+            self.hf_config.save_pretrained(str(self.output_dir / "hf"))
+            self.tokenizer.save_pretrained(str(self.output_dir / "hf"))
             if cfg.logging.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 

@@ -88,14 +88,108 @@ def test_malformed_dataset_row_names_row_and_column(tmp_path):
     assert "row 1" in result.stderr and "ground_truth" in result.stderr
 
 
+def export_hf(run_dir: Path, out: Path) -> dict:
+    """The run's final checkpoint as HF tensors, through gmpo-convert: loaded with dist_checkpointing
+    into a one-process (TP1/PP1/EP1) model, so a checkpoint saved at any layout must reload here."""
+    from safetensors.torch import load_file
+
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    cmd = [sys.executable, "-m", "gmpo_megatron.convert.cli", "megatron-to-hf",
+           "--megatron-dir", str(run_dir / "checkpoints" / latest), "--hf-config-dir", str(run_dir / "hf"),
+           "--out-dir", str(out), "--reader", "model"]  # dist_checkpointing load at TP1/PP1/EP1
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tensors = {}
+    for path in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    result = run_train(root / "run", "train.steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return metrics(root / "run"), export_hf(root / "run", root / "hf")
+
+
+LAYOUTS = {
+    "tp2_sp": (2, ["parallel.tp=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "ep2_alltoall": (2, ["parallel.ep=2"]),
+    "ep2_allgather": (2, ["parallel.ep=2", "parallel.moe_dispatcher=allgather"]),
+    "tp2_ep2_etp1": (2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
+    "dp2": (2, []),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "ep2_pp2": (4, ["parallel.ep=2", "parallel.pp=2"]),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]], ids=["tp2", "ep2"])
-def test_two_process_layout_matches_single_process(tmp_path, layout):
-    single = run_train(tmp_path / "single", "train.steps=2", "train.save_interval=0")
-    assert single.returncode == 0, single.stderr[-3000:]
-    parallel = run_train(tmp_path / "parallel", "train.steps=2", *layout, nproc=2, timeout=600)
-    assert parallel.returncode == 0, parallel.stderr[-5000:]
-    for ra, rb in zip(metrics(tmp_path / "single"), metrics(tmp_path / "parallel")):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_matches_single_process(tmp_path, layout, single_process_run):
+    """Two full GMPO steps (rollout, old log-probs, 2 optimizer steps each, weight sync) at a
+    parallel layout: same rewards, loss (1e-6), grad norm (1e-5 rel.) and every trained weight
+    (1e-5, compared after export to HF, i.e. gathered over TP/EP/PP)."""
+    nproc, overrides = LAYOUTS[layout]
+    single_rows, single_weights = single_process_run
+    result = run_train(tmp_path / "run", "train.steps=2", *overrides, nproc=nproc, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == len(single_rows) == 2
+    for ra, rb in zip(single_rows, rows):
         assert ra["reward_mean"] == rb["reward_mean"]
+        assert ra["num_samples"] == rb["num_samples"]
         assert abs(ra["loss"] - rb["loss"]) <= 1e-6
         assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-5 * max(1.0, abs(ra["grad_norm"]))
+    assert single_rows[1]["grad_norm"] > 0  # the comparison covers a real update
+    weights = export_hf(tmp_path / "run", tmp_path / "hf")
+    assert set(weights) == set(single_weights)
+    for name, tensor in single_weights.items():
+        assert (weights[name] - tensor).abs().max().item() <= 1e-5, name
+
+
+def _save_tiny_hf(directory: Path, **overrides) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gmpo_megatron.models.presets import tiny_qwen3_moe
+
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(tiny_qwen3_moe(**overrides)).save_pretrained(
+        str(directory), max_shard_size="100KB")
+
+
+def test_starts_from_a_local_hf_checkpoint(tmp_path):
+    _save_tiny_hf(tmp_path / "hf")
+    result = run_train(tmp_path / "run", "train.steps=1", "model.hf_config=null",
+                       f"model.hf_checkpoint={tmp_path / 'hf'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics(tmp_path / "run")[0]["rollout_logp_abs_diff_max"] < 1e-4
+
+
+def test_hf_checkpoint_missing_a_tensor_is_refused(tmp_path):
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    _save_tiny_hf(tmp_path / "hf")
+    index = _json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    victim = "model.layers.1.mlp.experts.3.up_proj.weight"
+    shard = tmp_path / "hf" / index["weight_map"][victim]
+    tensors = load_file(str(shard))
+    del tensors[victim]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    del index["weight_map"][victim]
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(_json.dumps(index))
+    result = run_train(tmp_path / "run", "train.steps=1", "model.hf_config=null",
+                       f"model.hf_checkpoint={tmp_path / 'hf'}")
+    assert result.returncode != 0
+    assert victim in result.stderr and "missing" in result.stderr
+
+
+def test_hf_checkpoint_disagreeing_with_hf_config_is_refused(tmp_path):
+    _save_tiny_hf(tmp_path / "hf", rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    result = run_train(tmp_path / "run", "train.steps=1", f"model.hf_checkpoint={tmp_path / 'hf'}")
+    assert result.returncode != 0
+    assert "rope" in result.stderr.lower()
