@@ -7,6 +7,7 @@ CUDA are present, Megatron's local spec (with our sequence-parallel-capable torc
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,24 @@ class BuildOptions:
     moe_router_dtype: str = "fp32"
     recompute: bool = False
     use_te: bool | None = None  # None: TE spec exactly when TE imports and CUDA is present
+    meta_device: bool = False
+    """Build on ``torch.device("meta")``: shapes only, no memory (parameter counts and checkpoint
+    structure of full-size models; a 235B model builds in seconds in < 1 GB). Initialisation is off
+    and parameters are created the CPU-init way, without an explicit device, so the meta context
+    applies on GPU machines too: Megatron's GPU path and Transformer-Engine modules pass
+    ``device=cuda`` (or ``cpu``) explicitly, which would allocate the full model, and its CPU-init
+    path with initialisation on allocates full master weights. Hence the local spec (same
+    parameter shapes as TE's). A meta model cannot run; without TP init the shard tags are absent."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _use_te(opts: BuildOptions) -> bool:
+    if opts.meta_device:
+        if opts.use_te:
+            raise ValueError("meta_device=True builds the local spec (TE modules allocate on an "
+                             "explicit device): leave use_te unset or False")
+        return False
+    return opts.use_te if opts.use_te is not None else te_available()
 
 
 def te_available() -> bool:
@@ -162,7 +180,7 @@ def transformer_config(hf_config, opts: BuildOptions):
             moe_aux_loss_coeff=opts.moe_aux_loss_coeff,
             moe_z_loss_coeff=opts.moe_z_loss_coeff,
             moe_router_dtype=opts.moe_router_dtype,
-            moe_grouped_gemm=bool(opts.use_te if opts.use_te is not None else te_available()),
+            moe_grouped_gemm=_use_te(opts),
             moe_permute_fusion=False,
             moe_router_bias_update_rate=0.0,
         )
@@ -173,6 +191,8 @@ def transformer_config(hf_config, opts: BuildOptions):
                 "newer): install the 'gpu' extra in the CUDA image, or set precision.fp8=null"
             )
         kwargs.update(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe)
+    if opts.meta_device:  # see BuildOptions.meta_device
+        kwargs.update(use_cpu_initialization=True, perform_initialization=False)
     kwargs.update(opts.extra)
     return TransformerConfig(**kwargs)
 
@@ -279,26 +299,28 @@ def build_model(hf_config, opts: BuildOptions, *, pre_process: bool | None = Non
 
     cpu_compat.apply()
     config = transformer_config(hf_config, opts)
-    use_te = opts.use_te if opts.use_te is not None else te_available()
+    use_te = _use_te(opts)
     if use_te and not te_available():
         raise ValueError("use_te=True needs Transformer-Engine and CUDA; install the 'gpu' extra")
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=block_spec(config, use_te, hf_config, vp_stage),
-        vocab_size=hf_config.vocab_size,
-        max_sequence_length=hf_config.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,  # logits stay vocab-sharded: log-probs are computed vocab-parallel
-        share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
-        position_embedding_type="rope",
-        rotary_base=rope_theta(hf_config),
-        rotary_percent=1.0,
-        vp_stage=vp_stage,
-    )
+    # meta_device: shapes only (see BuildOptions.meta_device)
+    with torch.device("meta") if opts.meta_device else contextlib.nullcontext():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=block_spec(config, use_te, hf_config, vp_stage),
+            vocab_size=hf_config.vocab_size,
+            max_sequence_length=hf_config.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,  # logits stay vocab-sharded: log-probs are computed vocab-parallel
+            share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+            position_embedding_type="rope",
+            rotary_base=rope_theta(hf_config),
+            rotary_percent=1.0,
+            vp_stage=vp_stage,
+        )
     cpu_compat.apply()
     return model
