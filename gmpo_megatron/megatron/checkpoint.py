@@ -77,6 +77,8 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, trainer_state
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
+    if optimizer is not None:
+        init_optimizer_state(optimizer)  # a save before the first step: Adam state = zeros, step 0
     dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(tmp))
     _barrier()
     if _is_rank0():

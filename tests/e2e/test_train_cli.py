@@ -58,14 +58,18 @@ def test_short_run_writes_everything(tmp_path):
     assert all(r["rollout_logp_abs_diff_max"] < 1e-4 for r in rows)
 
 
-@pytest.mark.parametrize("distributed_optimizer", [True, False], ids=["distopt", "plainopt"])
-def test_resume_continues_bit_identically(tmp_path, distributed_optimizer):
+@pytest.mark.parametrize("nproc, overrides", [
+    (1, ["parallel.distributed_optimizer=true"]),
+    (1, ["parallel.distributed_optimizer=false"]),
+    pytest.param(2, ["parallel.tp=2"], marks=pytest.mark.slow),
+], ids=["distopt", "plainopt", "tp2"])
+def test_resume_continues_bit_identically(tmp_path, nproc, overrides):
+    """4 steps straight == 2 steps, stop, --resume, 2 more steps (same layout)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    opt = f"parallel.distributed_optimizer={str(distributed_optimizer).lower()}"
-    assert run_train(straight, "train.steps=4", opt).returncode == 0
-    first = run_train(resumed, "train.steps=2", opt)
+    assert run_train(straight, "train.steps=4", *overrides, nproc=nproc).returncode == 0
+    first = run_train(resumed, "train.steps=2", *overrides, nproc=nproc)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_train(resumed, "train.steps=4", opt, resume=True)
+    second = run_train(resumed, "train.steps=4", *overrides, nproc=nproc, resume=True)
     assert second.returncode == 0, second.stderr[-3000:]
     a, b = metrics(straight), metrics(resumed)
     assert [r["step"] for r in b] == [0, 1, 2, 3]
