@@ -4,13 +4,13 @@ The tiny preset has every structural feature of Qwen3-30B-A3B that can break a c
 parallel layout: GQA, head_dim != hidden / heads, QK-norm, top-k routing with renormalised
 probabilities, untied embeddings.
 
-The full-size presets (``qwen3-30b-a3b``, ``qwen3-235b-a22b``, ``qwen3-32b``, ``qwen2.5-7b``) are the
-public ``config.json`` values of those checkpoints as recorded in REFERENCE.md §3 (architecture) and
-in the models' published config files (intermediate_size, rope_theta, rms_norm_eps,
+The full-size presets (``qwen3-30b-a3b``, ``qwen3-235b-a22b``, ``qwen3-32b``, ``qwen2.5-7b``) are
+the public ``config.json`` values of those checkpoints as recorded in REFERENCE.md §3
+(architecture) and in the models' published config files (intermediate_size, rope_theta, rms_norm_eps,
 max_position_embeddings, token ids); nothing is downloaded. ``PUBLIC_CONFIGS`` holds them in the
-file's own layout (flat ``rope_theta``, ``torch_dtype``), and ``examples/moe/configs/write_configs.py``
+file's own layout (flat ``rope_theta``, ``torch_dtype``); ``examples/moe/configs/write_configs.py``
 writes them to ``examples/moe/configs/<name>/config.json``, the directory a user can point
-``model.hf_config`` at; a test checks that the files and the presets agree.
+``model.hf_config`` at, and a test checks that the files and the presets agree.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Full-size presets (Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-32B, Qwen2.5-7B) built by Megatron on the
-meta device have exactly the parameter count of the HF config's own arithmetic.
+"""Full-size presets (Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-32B, Qwen2.5-7B) built by Megatron on
+the meta device have exactly the parameter count of the HF config's own arithmetic.
 
 Three counts must agree: the arithmetic below (written from the HF config fields alone: embedding
 V*H; per layer q/k/v/o (+ QKV bias for Qwen2.5), two RMSNorms, QK-norms (Qwen3), router +
@@ -96,8 +96,9 @@ def hf_parameter_count(c, layout: Layout = Layout()) -> dict[str, int]:
         head = hidden + (0 if c.tie_word_embeddings else vocab * hidden // layout.tp)
     total = embedding + layers * (attention + norms + mlp) + head
     active = embedding + layers * (attention + norms + mlp_active) + head
+    final_norm = hidden if layout.last_stage else 0
     return {"total": total, "active": active, "experts": layers * experts,
-            "non_embedding": layers * (attention + norms + mlp) + (hidden if layout.last_stage else 0)}
+            "non_embedding": layers * (attention + norms + mlp) + final_norm}
 
 
 def megatron_counts(model) -> dict[str, int]:
@@ -191,7 +192,8 @@ def test_every_rank_holds_its_share_of_the_arithmetic(multi_rank_report, tag):
         counts = multi_rank_report[rank][tag]
         expected = hf_parameter_count(config, layout)
         assert counts["meta"]
-        assert (counts["total"], counts["experts"]) == (expected["total"], expected["experts"]), rank
+        assert counts["total"] == expected["total"], rank
+        assert counts["experts"] == expected["experts"], rank
         first, last = layout.pp_layers or (0, config.num_hidden_layers)
         assert counts["layer_numbers"] == list(range(first + 1, last + 1)), rank
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# GMPO on Qwen3-30B-A3B, TP4/PP1/EP8/ETP1 (examples/moe/qwen3_30b_a3b.yaml); one node of 8 GPUs by
+# default:  bash examples/moe/launch_qwen3_30b_a3b.sh [key=value ...]
+# two nodes (see the memory note in the config), on each node:
+#   NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=<host of node 0> bash examples/moe/launch_qwen3_30b_a3b.sh
+# Extra arguments (key=value overrides, --resume) go to gmpo_megatron.cli. DRY_RUN=1 prints the
+# torchrun command instead of running it. Environment: see launch_common.sh; docs/models.md.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${CONFIG:=$HERE/qwen3_30b_a3b.yaml}"
+: "${NNODES:=1}"
+# shellcheck source=launch_common.sh
+source "$HERE/launch_common.sh"
+launch "$@"
