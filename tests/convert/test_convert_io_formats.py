@@ -127,3 +127,41 @@ def test_direct_chunk_reads_equal_dcp_reads(megatron_models, monkeypatch):
     assert slow.direct_reads == 0
     for name in names:
         assert torch.equal(direct[name], via_dcp[name]), name
+
+
+def test_trainer_style_checkpoint_with_optimizer_state_exports(hf_models, tmp_path):
+    """A training checkpoint nests the model under "model" next to optimizer and RNG state: the
+    reader takes the model tensors, lists the rest as ignored, and the export is exact."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    from gmpo_megatron.convert.hf_io import open_hf_checkpoint
+    from gmpo_megatron.convert.hf_to_megatron import _ensure_process_group
+    from gmpo_megatron.convert.megatron_ckpt import converter_build_options
+    from gmpo_megatron.megatron.model_builder import build_model
+    from gmpo_megatron.megatron.parallel import init_distributed
+    from gmpo_megatron.megatron.weights import load_hf_weights
+    from gmpo_megatron.models import get_mapping
+
+    _ensure_process_group()
+    init_distributed()
+    config = hf_config("qwen3")
+    model = build_model(config, converter_build_options())
+    with open_hf_checkpoint(hf_models["qwen3"]) as ckpt:
+        load_hf_weights(model, get_mapping(config), ckpt.read)
+    exp_avg = torch.zeros(64, 96)
+    state = {
+        "model": model.sharded_state_dict(),
+        "optimizer": {"exp_avg": ShardedTensor.from_rank_offsets(
+            "optimizer.state.exp_avg.embedding.word_embeddings.weight", exp_avg)},
+        "rng": ShardedObject("rng_state", {"seed": 1}, (1,), (0,)),
+    }
+    step_dir = tmp_path / "step_000010"
+    step_dir.mkdir()
+    dist_checkpointing.save(state, str(step_dir))
+
+    reader = TorchDistCheckpoint(str(step_dir))
+    assert reader.ignored_keys == ["optimizer.state.exp_avg.embedding.word_embeddings.weight"]
+    out = convert_megatron_to_hf(str(step_dir), str(tmp_path / "hf"),
+                                 hf_config_dir=hf_models["qwen3"], log=lambda message: None)
+    assert_same_tensors(hf_models["qwen3"], out)
