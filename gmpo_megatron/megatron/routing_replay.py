@@ -19,12 +19,10 @@ parallelism each stage holds only its own layers.
 
 Keys. A ``key`` (any hashable) names one micro-batch's token set as this rank's routers see it.
 The old-log-prob and update passes batch sequences differently (other micro-batches, other
-padding, other DP ranks), so R2 goes through per-sequence routes (``[n_i, top_k]`` per layer, the
-sequence's first ``n_i`` positions): ``sequence_routes`` splits a recorded micro-batch,
-``all_gather_sequence_routes`` exchanges them across data-parallel ranks and
-``set_sequence_routes`` lays them out for an update micro-batch, where positions past ``n_i``
-(right padding; the last token, which a rollout engine never runs) route freshly. R3 routes from
-an engine are per-sequence routes in the same format.
+padding or packing, other DP ranks), so R2 goes through per-sequence routes (``sequence_routes``,
+then ``sequence_routes.all_gather_sequence_routes`` across data-parallel ranks, then
+``set_sequence_routes`` in the update micro-batch; positions without a route route freshly). R3
+routes from a rollout engine are per-sequence routes too. Layouts: ``sequence_routes.py``.
 
 How. Megatron 0.16.1 picks the top-k inside ``topk_routing_with_score_function``, which defers to
 ``router.router_replay.get_replay_topk(scores, topk, num_groups, group_topk, compute_topk)`` when
@@ -47,9 +45,8 @@ from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 
-Routes = dict[int, torch.Tensor]  # global layer index -> [tokens, top_k] expert ids
+from gmpo_megatron.megatron.sequence_routes import Routes, Span, lay_out_routes, split_routes
 
 
 def route_dtype(num_experts: int) -> torch.dtype:
@@ -343,78 +340,17 @@ class RoutingReplay:
         self.clear()
         self._removed = True
 
-    # -- per-sequence routes (R2 across micro-batch layouts, R3) --------------------------------
-    def sequence_routes(self, key: Hashable, lengths: Sequence[int], seq_len: int,
+    # -- per-sequence routes (R2 across micro-batch layouts, R3; see sequence_routes.py) -------
+    def sequence_routes(self, key: Hashable, spans: Sequence[Span], shape: tuple[int, int],
                         tp_group=None) -> list[Routes]:
-        """Split ``key``'s routes (a right-padded micro-batch of ``len(lengths)`` rows of
-        ``seq_len``) into one ``{layer: [n_i, top_k]}`` per row, first ``n_i = lengths[i]``
-        positions, on the CPU. Under sequence parallelism pass the TP group: the shards are
-        all-gathered (a collective: every TP rank calls it)."""
-        b = len(lengths)
-        if any(not 0 < n <= seq_len for n in lengths):
-            raise ValueError(f"lengths {list(lengths)} must lie in [1, seq_len={seq_len}]")
-        out: list[Routes] = [{} for _ in lengths]
-        for layer, ids in self.routes(key).items():
-            if tp_group is not None and dist.get_world_size(tp_group) > 1:
-                ids = _all_gather_rows(ids, tp_group)
-            if ids.shape[0] != seq_len * b:
-                raise ValueError(f"key {key!r}, layer {layer}: {ids.shape[0]} routed tokens, but "
-                                 f"{b} rows x seq_len {seq_len} = {seq_len * b} (pass tp_group "
-                                 "under sequence parallelism)")
-            grid = ids.cpu().view(seq_len, b, -1)
-            for row, n in enumerate(lengths):
-                out[row][layer] = grid[:n, row].clone()
-        return out
+        """``key``'s routes split into one ``{layer: [n, top_k]}`` per sequence (``split_routes``;
+        under sequence parallelism a collective over ``tp_group``)."""
+        return split_routes(self.routes(key), spans, shape, tp_group, name=f"key {key!r}")
 
-    def set_sequence_routes(self, key: Hashable, sequences: Sequence[Routes], seq_len: int,
-                            tp_rank: int = 0, tp_size: int = 1) -> None:
-        """Lay out per-sequence routes (row ``j`` of a right-padded micro-batch of ``seq_len``)
-        as ``key``'s routes; positions a sequence has no route for route freshly. Under sequence
-        parallelism each TP rank keeps its own slice of ``s``."""
-        if seq_len % tp_size:
-            raise ValueError(f"seq_len {seq_len} is not divisible by tp_size {tp_size} (sequence "
-                             "parallelism pads micro-batches to a multiple of tp)")
-        b = len(sequences)
-        fresh = torch.ones(seq_len, b, dtype=torch.bool)
-        grids = {layer: torch.zeros(seq_len, b, self.top_k, dtype=torch.long) for layer in self._routers}
-        for row, sequence in enumerate(sequences):
-            missing = [layer for layer in self._routers if layer not in sequence]
-            counts = {sequence[layer].shape[0] for layer in self._routers if layer in sequence}
-            if missing or len(counts) > 1 or (counts and max(counts) > seq_len):
-                raise ValueError(f"sequence {row} of key {key!r}: needs every MoE layer of this rank "
-                                 f"(missing {missing}) with one token count <= seq_len {seq_len} "
-                                 f"(got {sorted(counts)})")
-            n = counts.pop() if counts else 0
-            fresh[:n, row] = False
-            for layer, grid in grids.items():
-                grid[:n, row] = sequence[layer].long()
-        shard = slice(tp_rank * seq_len // tp_size * b, (tp_rank + 1) * seq_len // tp_size * b)
-        routes = {layer: grid.view(seq_len * b, -1)[shard] for layer, grid in grids.items()}
-        self.set_routes(key, routes, fresh_rows=fresh.view(-1)[shard])
-
-
-def _all_gather_rows(ids: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate every rank's ``[rows, k]`` (equal rows) in rank order; int32 on the wire."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
-    local = ids.to(device=device, dtype=torch.int32)
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local, group=group)
-    return torch.cat(parts).to(ids.dtype)
-
-
-def all_gather_sequence_routes(local: dict[int, Routes], group=None) -> dict[int, Routes]:
-    """Every data-parallel rank's per-sequence routes, by sample index (CPU objects; a collective
-    over ``group``, e.g. ``parallel_state.get_data_parallel_group()``)."""
-    if group is None and not dist.is_initialized():
-        return dict(local)
-    shares: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(shares, local, group=group)
-    merged: dict[int, Routes] = {}
-    for share in shares:
-        repeated = sorted(set(share) & set(merged))
-        if repeated:
-            raise ValueError(f"samples {repeated[:8]} were recorded on two data-parallel ranks; "
-                             "each sample must be scored by exactly one rank")
-        merged.update(share)
-    return merged
+    def set_sequence_routes(self, key: Hashable, sequences: Sequence[Routes], spans: Sequence[Span],
+                            shape: tuple[int, int], tp_rank: int = 0, tp_size: int = 1) -> None:
+        """Per-sequence routes laid out in a micro-batch (``lay_out_routes``) stored as ``key``'s
+        routes; positions without a route route freshly."""
+        routes, fresh_rows = lay_out_routes(sequences, spans, shape, self.layers, self.top_k,
+                                            tp_rank, tp_size, name=f"key {key!r}")
+        self.set_routes(key, routes, fresh_rows=fresh_rows)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 SEQ, ROWS, TOP_K, EXPERTS = 16, 3, 2, 8
 LENGTHS = [16, 12, 9]
+SPANS = [(row, 0, n) for row, n in enumerate(LENGTHS)]  # padded rows
 
 
 def _tokens(seed: int) -> torch.Tensor:
@@ -61,11 +62,8 @@ def check_ep2() -> dict:
     from gmpo_megatron.megatron.expert_load import ExpertLoad, reduce_expert_load
     from gmpo_megatron.megatron.model_builder import BuildOptions, build_model
     from gmpo_megatron.megatron.parallel import init_distributed
-    from gmpo_megatron.megatron.routing_replay import (
-        RoutingReplay,
-        all_gather_sequence_routes,
-        moe_routers,
-    )
+    from gmpo_megatron.megatron.routing_replay import RoutingReplay, moe_routers
+    from gmpo_megatron.megatron.sequence_routes import all_gather_sequence_routes
     from gmpo_megatron.models.presets import tiny_qwen3_moe
 
     layout = init_distributed(ep=2, etp=1, seed=0)
@@ -76,7 +74,7 @@ def check_ep2() -> dict:
     with torch.no_grad(), replay.record(("old", rank)):
         _forward(model, _tokens(seed=100 + rank))
     model.train()
-    mine = replay.sequence_routes(("old", rank), LENGTHS, SEQ)
+    mine = replay.sequence_routes(("old", rank), SPANS, (ROWS, SEQ))
     local_load = {layer: int(c.sum()) for layer, c in load.counts().items()}
     reduced = load.metrics()  # world reduction: both ranks' tokens
     totals = {layer: int(c.sum()) for layer, c in
@@ -94,7 +92,7 @@ def check_ep2() -> dict:
     fresh_differs = any(not torch.equal(seen[layer].view(SEQ, ROWS, EXPERTS)[:n, j],
                                         _map(theirs[j][layer]))
                         for layer in replay.layers for j, n in enumerate(LENGTHS))
-    replay.set_sequence_routes(("update", rank), theirs, SEQ)
+    replay.set_sequence_routes(("update", rank), theirs, SPANS, (ROWS, SEQ))
     with replay.replay(("update", rank)):
         output = _forward(model, _tokens(seed=100 + other))
     output.square().mean().backward()
@@ -132,7 +130,8 @@ def check_tp2_sp() -> dict:
         _forward(model, tokens)
     model.train()
     shard_rows = {layer: ids.shape[0] for layer, ids in replay.routes("old").items()}
-    per_sequence = replay.sequence_routes("old", LENGTHS, SEQ, tp_group=ps.get_tensor_model_parallel_group())
+    per_sequence = replay.sequence_routes("old", SPANS, (ROWS, SEQ),
+                                          tp_group=ps.get_tensor_model_parallel_group())
     both: list = [None, None]
     dist.all_gather_object(both, per_sequence, group=ps.get_tensor_model_parallel_group())
     same_on_tp_ranks = all(torch.equal(both[0][j][layer], both[1][j][layer])
@@ -140,7 +139,8 @@ def check_tp2_sp() -> dict:
 
     _perturb(model)
     order = [2, 0]
-    replay.set_sequence_routes("update", [per_sequence[i] for i in order], SEQ,
+    spans = [(row, 0, LENGTHS[i]) for row, i in enumerate(order)]
+    replay.set_sequence_routes("update", [per_sequence[i] for i in order], spans, (len(order), SEQ),
                                tp_rank=layout.tp_rank, tp_size=2)
     seen: dict = {}
     handles = _observe(model, seen)

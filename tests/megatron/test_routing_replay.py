@@ -11,12 +11,8 @@ import torch
 
 from gmpo_megatron.megatron.expert_load import ExpertLoad, expert_load_metrics, reduce_expert_load
 from gmpo_megatron.megatron.model_builder import BuildOptions, build_model
-from gmpo_megatron.megatron.routing_replay import (
-    RoutingReplay,
-    all_gather_sequence_routes,
-    moe_routers,
-    route_dtype,
-)
+from gmpo_megatron.megatron.routing_replay import RoutingReplay, moe_routers, route_dtype
+from gmpo_megatron.megatron.sequence_routes import all_gather_sequence_routes
 from gmpo_megatron.models.presets import tiny_qwen3_moe
 
 SEQ, ROWS, TOP_K, EXPERTS = 16, 3, 2, 8
@@ -287,7 +283,7 @@ def test_sequence_routes_replay_in_a_rebatched_micro_batch(model):
     tokens, _ = _batch()
     lengths = [16, 11, 7]  # right padding past each length
     _record(replay, model, _batch(), "old")
-    per_sequence = replay.sequence_routes("old", lengths, SEQ)
+    per_sequence = replay.sequence_routes("old", [(i, 0, n) for i, n in enumerate(lengths)], (ROWS, SEQ))
     assert [r[0].shape for r in per_sequence] == [(n, TOP_K) for n in lengths]
     assert all(r[0].dtype == torch.uint8 for r in per_sequence)
     gathered = all_gather_sequence_routes(dict(enumerate(per_sequence)))  # one DP rank: itself
@@ -298,7 +294,8 @@ def test_sequence_routes_replay_in_a_rebatched_micro_batch(model):
         old_logits = _forward(model, _batch())
     order = [2, 0]  # the update micro-batch: other rows, other order
     rebatched = (tokens[order], torch.arange(SEQ).expand(len(order), -1))
-    replay.set_sequence_routes("update", [per_sequence[i] for i in order], SEQ)
+    spans = [(row, 0, lengths[i]) for row, i in enumerate(order)]
+    replay.set_sequence_routes("update", [per_sequence[i] for i in order], spans, (len(order), SEQ))
     with torch.no_grad(), _observed_routing(model) as seen, replay.replay("update"):
         new_logits = _forward(model, rebatched)
     for layer, router in moe_routers(model).items():
@@ -315,15 +312,63 @@ def test_sequence_routes_replay_in_a_rebatched_micro_batch(model):
     replay.remove()
 
 
+def _packed(sequences):
+    """One packed row (THD layout on the local spec): a block-diagonal causal mask."""
+    lengths = [len(s) for s in sequences]
+    segment = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    visible = torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+    visible &= segment[:, None] == segment[None, :]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    starts = torch.tensor([0] + lengths).cumsum(0)[:-1].tolist()
+    return torch.cat(sequences)[None], positions, (~visible)[None, None], starts
+
+
+def test_packed_and_padded_micro_batches_give_the_same_sequence_routes(model):
+    replay = RoutingReplay(model)
+    tokens, _ = _batch()
+    lengths = [16, 11, 7]
+    packed_tokens, positions, mask, starts = _packed([tokens[i, :n] for i, n in enumerate(lengths)])
+    model.eval()
+    with torch.no_grad(), replay.record("packed"):
+        model(packed_tokens, positions, attention_mask=mask)
+    model.train()
+    assert replay.routes("packed")[0].shape == (sum(lengths), TOP_K)  # [s, b] with b = 1
+    from_packed = replay.sequence_routes(
+        "packed", [(0, start, n) for start, n in zip(starts, lengths)], (1, sum(lengths)))
+    _record(replay, model, _batch(), "padded")
+    from_padded = replay.sequence_routes("padded", [(i, 0, n) for i, n in enumerate(lengths)], (ROWS, SEQ))
+    for packed_routes, padded_routes in zip(from_packed, from_padded):
+        for layer in replay.layers:
+            assert torch.equal(packed_routes[layer], padded_routes[layer])
+
+    _perturb_routers(model)  # replay the packed recording in a padded micro-batch
+    replay.set_sequence_routes("update", from_packed, [(i, 0, n) for i, n in enumerate(lengths)],
+                               (ROWS, SEQ))
+    with torch.no_grad(), _observed_routing(model) as seen, replay.replay("update"):
+        _forward(model, _batch())
+    for layer in replay.layers:
+        grid = seen[layer][0][2].view(SEQ, ROWS, EXPERTS)
+        for i, n in enumerate(lengths):
+            assert torch.equal(grid[:n, i], _map_of(from_packed[i][layer]))
+    replay.remove()
+
+
 def test_set_sequence_routes_keeps_this_ranks_sequence_parallel_shard(model):
     replay = RoutingReplay(model)
     per_sequence = [{layer: torch.tensor([[t % 8, (t + 1) % 8] for t in range(n)])
                      for layer in (0, 1)} for n in (8, 5)]
-    replay.set_sequence_routes("rank1", per_sequence, seq_len=8, tp_rank=1, tp_size=2)
+    spans = [(0, 0, 8), (1, 0, 5)]
+    replay.set_sequence_routes("rank1", per_sequence, spans, (2, 8), tp_rank=1, tp_size=2)
     ids = replay.routes("rank1")[0].long().view(4, 2, TOP_K)  # positions 4..7 of both rows
     assert torch.equal(ids[:, 0], per_sequence[0][0][4:8])
     assert torch.equal(ids[0, 1], per_sequence[1][0][4])
     assert torch.equal(replay._fresh_rows["rank1"].view(4, 2)[:, 1], torch.tensor([False] + [True] * 3))
+    with pytest.raises(ValueError, match="overlaps another sequence"):
+        replay.set_sequence_routes("bad", per_sequence, [(0, 0, 8), (0, 2, 5)], (2, 8))
+    with pytest.raises(ValueError, match=r"does not fit a micro-batch of shape \(2, 8\)"):
+        replay.set_sequence_routes("bad", per_sequence, [(0, 0, 8), (1, 4, 5)], (2, 8))
+    with pytest.raises(ValueError, match="token count <= its length 4"):
+        replay.set_sequence_routes("bad", per_sequence, [(0, 0, 8), (1, 0, 4)], (2, 8))
     replay.remove()
 
 
