@@ -134,7 +134,11 @@ def load_megatron_model(model_chunks, directory: str) -> None:
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     if len(chunks) != 1:
         raise ConversionError("virtual pipeline stages (several model chunks) are not supported")
-    loaded = dist_checkpointing.load(chunks[0].sharded_state_dict(), directory)
+    request = chunks[0].sharded_state_dict()
+    loaded = dist_checkpointing.load(request, directory)
+    # A trainer checkpoint also holds the optimizer: its common (non-tensor) entries come back
+    # from common.pt under their own top-level key, which the model never asked for.
+    loaded = {key: value for key, value in loaded.items() if key in request}
     # Factories (the fc1 [gate; up] halves) are merged into new tensors: copy them all back.
     chunks[0].load_state_dict(loaded, strict=True)
 
