@@ -112,8 +112,12 @@ class TrainConfig(_Section):
     ppo_epochs: int = Field(1, ge=1)
     mini_batches: int = Field(1, ge=1)
     """Optimizer steps per epoch: the rollout batch is split into this many mini-batches."""
+    packing: bool = True
+    """Pack the sequences of a micro-batch into one row (THD layout, no padding between them)."""
+    max_tokens_per_microbatch: int = Field(4096, ge=1)
+    """Token budget of a packed micro-batch on one data-parallel rank (packing=true)."""
     micro_batch_size: int = Field(64, ge=1)
-    """Sequences per micro-batch on each data-parallel rank."""
+    """Sequences per micro-batch on each data-parallel rank (packing=false)."""
     lr: float = Field(1e-3, gt=0.0)
     min_lr: float = Field(0.0, ge=0.0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"

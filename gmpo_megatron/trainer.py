@@ -26,15 +26,14 @@ from gmpo_megatron.algo.metrics import Metrics
 from gmpo_megatron.algo.policy_loss import loss_normalizer_kind
 from gmpo_megatron.config import Config
 from gmpo_megatron.megatron import checkpoint as ckpt
-from gmpo_megatron.megatron.train_step import (
-    LossSettings,
+from gmpo_megatron.megatron.micro_batches import (
     Sample,
     build_micro_batch,
-    compute_old_log_probs,
     plan_micro_batches,
+    plan_packed_micro_batches,
     split_evenly,
-    train_on_batches,
 )
+from gmpo_megatron.megatron.train_step import LossSettings, compute_old_log_probs, train_on_batches
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -274,10 +273,17 @@ class Trainer:
         return [m for m in split_evenly(order, self.cfg.train.mini_batches) if m]
 
     def _micro_batches(self, samples: list[Sample], indices: list[int]):
-        pad = self.tokenizer.pad_token_id
+        t = self.cfg.train
         seq_multiple = self.layout.tp if self.model.config.sequence_parallel else 1
-        plan = plan_micro_batches(indices, self.layout.dp_rank, self.layout.dp, self.cfg.train.micro_batch_size)
-        return [build_micro_batch(samples, chunk, pad, seq_multiple, self.device) for chunk in plan]
+        if t.packing:
+            lengths = {i: samples[i].length for i in indices}
+            plan = plan_packed_micro_batches(lengths, indices, self.layout.dp_rank, self.layout.dp,
+                                             t.max_tokens_per_microbatch)
+        else:
+            plan = plan_micro_batches(indices, self.layout.dp_rank, self.layout.dp, t.micro_batch_size)
+        return [build_micro_batch(samples, chunk, pad_id=self.tokenizer.pad_token_id,
+                                  seq_multiple=seq_multiple, device=self.device, packed=t.packing)
+                for chunk in plan]
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()

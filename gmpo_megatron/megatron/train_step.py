@@ -13,7 +13,6 @@ micro-batch split, DP size and model-parallel layout.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,102 +22,7 @@ import torch
 from gmpo_megatron.algo.logprobs import token_log_probs
 from gmpo_megatron.algo.metrics import Metrics
 from gmpo_megatron.algo.policy_loss import local_normalizer, loss_normalizer_kind, policy_loss
-
-
-@dataclass
-class Sample:
-    """One rollout as the trainer keeps it (token ids are python ints; rank-independent)."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    rollout_log_probs: list[float]
-    reward: float
-    advantage: float
-    group: int
-    finish_reason: str
-    old_log_probs: list[float] | None = None  # set by the old-log-prob pass (last PP stage)
-
-
-@dataclass
-class MicroBatch:
-    """Right-padded sequences ``prompt + response``. Position t predicts token t+1, so every
-    ``[b, S]`` field below is aligned with the *predicting* position:
-
-    tokens, position_ids  [b, S]   model input
-    targets               [b, S]   next token (pad where none)
-    response_mask         [b, S]   True where the target is a response token
-    old_log_prob, rollout_log_prob [b, S]   aligned like targets (0 outside the mask)
-    advantages            [b]
-    """
-
-    tokens: torch.Tensor
-    position_ids: torch.Tensor
-    targets: torch.Tensor
-    response_mask: torch.Tensor
-    old_log_prob: torch.Tensor
-    rollout_log_prob: torch.Tensor
-    advantages: torch.Tensor
-    sample_indices: list[int]
-
-
-def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], pad_id: int,
-                      seq_multiple: int, device: torch.device) -> MicroBatch:
-    """Pack ``samples[indices]``; the length is padded to a multiple of ``seq_multiple`` (the TP
-    size under sequence parallelism). Right padding is invisible to causal attention."""
-    chosen = [samples[i] for i in indices]
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in chosen]
-    seq = max(lengths)
-    seq = -(-seq // seq_multiple) * seq_multiple
-    b = len(chosen)
-    tokens = torch.full((b, seq), pad_id, dtype=torch.long)
-    targets = torch.full((b, seq), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, seq), dtype=torch.bool)
-    old = torch.zeros((b, seq), dtype=torch.float32)
-    rollout = torch.zeros((b, seq), dtype=torch.float32)
-    for row, s in enumerate(chosen):
-        ids = s.prompt_ids + s.response_ids
-        n, p, r = len(ids), len(s.prompt_ids), len(s.response_ids)
-        tokens[row, :n] = torch.tensor(ids)
-        targets[row, : n - 1] = torch.tensor(ids[1:])
-        # response token j sits at position p + j and is predicted from position p + j - 1
-        mask[row, p - 1 : p - 1 + r] = True
-        rollout[row, p - 1 : p - 1 + r] = torch.tensor(s.rollout_log_probs, dtype=torch.float32)
-        if s.old_log_probs is not None:
-            old[row, p - 1 : p - 1 + r] = torch.tensor(s.old_log_probs, dtype=torch.float32)
-    positions = torch.arange(seq).unsqueeze(0).expand(b, -1).contiguous()
-    advantages = torch.tensor([s.advantage for s in chosen], dtype=torch.float32)
-    return MicroBatch(
-        tokens.to(device), positions.to(device), targets.to(device), mask.to(device),
-        old.to(device), rollout.to(device), advantages.to(device), list(indices),
-    )
-
-
-def split_evenly(items: Sequence[int], parts: int) -> list[list[int]]:
-    """``parts`` contiguous chunks whose sizes differ by at most one."""
-    base, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
-        out.append(list(items[start : start + size]))
-        start += size
-    return out
-
-
-def plan_micro_batches(indices: Sequence[int], dp_rank: int, dp_size: int,
-                       micro_batch_size: int) -> list[list[int]]:
-    """This DP rank's micro-batches of a mini-batch. Every DP rank gets the same number of
-    micro-batches (expert-parallel all-to-alls inside the forward need all EP ranks to run the
-    same schedule), each non-empty."""
-    shares = split_evenly(indices, dp_size)
-    smallest = min(len(s) for s in shares)
-    if smallest == 0:
-        raise ValueError(
-            f"a mini-batch of {len(indices)} sequences cannot feed {dp_size} data-parallel ranks: "
-            "raise rollout.prompts_per_step / rollout.n or lower train.mini_batches"
-        )
-    count = -(-max(len(s) for s in shares) // micro_batch_size)
-    count = min(count, smallest)
-    return [chunk for chunk in split_evenly(shares[dp_rank], count)]
+from gmpo_megatron.megatron.micro_batches import MicroBatch, Sample
 
 
 @dataclass
@@ -130,15 +34,20 @@ class LossSettings:
 
 
 def _log_probs_of(output: torch.Tensor, batch: MicroBatch, temperature: float, with_entropy: bool):
+    """Log-probs (and entropy) of the response tokens, ``[B, R]``, from the model output
+    ``[b, S, V/TP]``: only the rows that predict a response token are gathered (padded or packed
+    layout alike), so prompt and padding positions cost no log-softmax."""
     from megatron.core import parallel_state as ps
 
     tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-    b, s = batch.targets.shape
+    flat = output.reshape(-1, output.shape[-1])
+    logits = flat.index_select(0, batch.logit_index.reshape(-1))
     log_prob, entropy = token_log_probs(
-        output.reshape(b * s, -1), batch.targets.reshape(-1), tp_group=tp_group,
-        temperature=temperature, with_entropy=with_entropy,
+        logits, batch.targets.reshape(-1), tp_group=tp_group, temperature=temperature,
+        with_entropy=with_entropy,
     )
-    return log_prob.view(b, s), (entropy.view(b, s) if entropy is not None else None)
+    shape = batch.targets.shape
+    return log_prob.view(shape), (entropy.view(shape) if entropy is not None else None)
 
 
 def _policy_loss_func(batch: MicroBatch, settings: LossSettings, output: torch.Tensor):
@@ -176,7 +85,7 @@ def _old_log_prob_func(batch: MicroBatch, output: torch.Tensor):
 
 def _forward_step(loss_func, data_iterator, model):
     batch: MicroBatch = next(data_iterator)
-    output = model(batch.tokens, batch.position_ids, attention_mask=None)
+    output = model(batch.tokens, batch.position_ids, attention_mask=batch.attention_mask)
     return output, partial(loss_func, batch)
 
 
@@ -214,9 +123,7 @@ def compute_old_log_probs(model_chunks, samples: list[Sample], batches: list[Mic
     for out in outputs or []:
         log_prob, indices = out["log_prob"], out["indices"]
         for row, index in enumerate(indices):
-            s = samples[index]
-            p, r = len(s.prompt_ids), len(s.response_ids)
-            local.append((index, log_prob[row, p - 1 : p - 1 + r].tolist()))
+            local.append((index, log_prob[row, :len(samples[index].response_ids)].tolist()))
     # Each data-parallel rank scored its own share; the update's mini-batches are drawn from the
     # whole batch, so every rank of the last stage needs every sample's old log-probs.
     from megatron.core import parallel_state as ps

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "examples/moe/tiny_cpu.yaml")
 # Small and quick: 2 mini-batches so that the second one trains on a moved policy (non-zero KL).
-QUICK = ["rollout.prompts_per_step=4", "rollout.n=4", "train.mini_batches=2", "train.micro_batch_size=3",
+QUICK = ["rollout.prompts_per_step=4", "rollout.n=4", "train.mini_batches=2", "train.max_tokens_per_microbatch=40",
          "logging.progress_bar=false", "reward.fn=arithmetic_first_integer"]
 REQUIRED_KEYS = {"step", "reward_mean", "response_len_mean", "loss", "grad_norm", "entropy", "kl",
                  "log_ratio_min", "log_ratio_max", "clipfrac", "time_step_s"}
