@@ -101,14 +101,15 @@ def quantization_config(hf_names: list[str]) -> dict:
     }
 
 
-def expert_block_warnings(hf_config, serving_tp: int = 1) -> list[str]:
-    """Shapes that block-FP8 serving kernels reject once split across tensor-parallel ranks."""
-    warnings = []
+def expert_block_warnings(hf_config, serving_tps: tuple[int, ...] = (1, 2, 4, 8)) -> list[str]:
+    """Serving layouts whose per-rank expert FFN width is not a whole number of 128 blocks (block
+    FP8 kernels reject them; REFERENCE.md §5)."""
     inter = getattr(hf_config, "moe_intermediate_size", None)
-    if inter and (inter // serving_tp) % BLOCK:
-        warnings.append(
-            f"moe_intermediate_size={inter} per rank at serving TP{serving_tp} is "
-            f"{inter // serving_tp}, not a multiple of {BLOCK}: serve the experts with expert "
-            "parallelism (SGLang --ep-size) rather than tensor parallelism"
-        )
-    return warnings
+    if not inter or not getattr(hf_config, "num_experts", None):
+        return []
+    bad = [tp for tp in serving_tps if inter % tp or (inter // tp) % BLOCK]
+    if not bad:
+        return []
+    return [f"moe_intermediate_size={inter} split over serving TP {bad} is not a multiple of "
+            f"{BLOCK} per rank: serve the experts with expert parallelism (SGLang --ep-size) or a "
+            "TP that keeps whole blocks"]

@@ -89,6 +89,75 @@ def stream_megatron_tensors(reader: TorchDistCheckpoint, mapping: QwenMapping,
         yield from _read_batch(reader, batch)
 
 
+def byte_copy_plan(reader: TorchDistCheckpoint, mapping: QwenMapping, name: str,
+                   dtypes: dict[str, torch.dtype]) -> list[tuple[str, str, int, int]] | None:
+    """``[(hf_name, file, offset, nbytes)]`` when every HF tensor of group ``name`` is a contiguous
+    byte range of stored raw chunk data in its output dtype (e.g. an expert's gate: one stored
+    chunk; the embedding: the first vocab rows of one chunk), so it can be copied file-to-file.
+
+    The mapping is applied to a *meta* tensor: pieces that are views of it (identity, row splits)
+    have known byte offsets; pieces the mapping had to copy (the QKV split) do not, and the group
+    is then read and transformed normally. None when any piece is not a plain byte range."""
+    stored = reader.tensors[name]
+    group = mapping.group_of(name)
+    if any(dtypes[hf_name] != stored.dtype for hf_name in group.hf_names):
+        return None
+    ranges = reader.byte_ranges(name)
+    if ranges is None:
+        return None
+    canonical = torch.empty(stored.shape, dtype=stored.dtype, device="meta")
+    itemsize = stored.dtype.itemsize
+    plan = []
+    for hf_name, piece in mapping.to_hf(name, canonical):
+        if not (piece is canonical or piece._base is canonical) or not piece.is_contiguous():
+            return None
+        start = piece.storage_offset() * itemsize
+        end = start + piece.numel() * itemsize
+        position = 0
+        for path, offset, nbytes in ranges:
+            if position <= start and end <= position + nbytes:
+                plan.append((hf_name, path, offset + start - position, end - start))
+                break
+            position += nbytes
+        else:
+            return None
+    return plan
+
+
+def _export_stream(reader: TorchDistCheckpoint, mapping: QwenMapping, writer, dtypes, fp8: bool,
+                   read_budget: int, byte_copy: bool) -> int:
+    """The stream reader's export loop, in the mapping's order; returns the number of HF tensors
+    copied file-to-file. Groups that are plain byte ranges are copied by the kernel; the others
+    are read in batches of <= read_budget bytes, transformed and written."""
+    batch: list[str] = []
+    size, copied = 0, 0
+    hf_shapes = mapping.expected_hf_shapes()
+
+    def flush() -> None:
+        nonlocal batch, size
+        for name, full in _read_batch(reader, batch):
+            for hf_name, tensor in mapping.to_hf(name, full):
+                _write(writer, hf_name, tensor, dtypes[hf_name], fp8)
+        batch, size = [], 0
+
+    for group in mapping.groups():
+        name = group.megatron_name
+        plan = byte_copy_plan(reader, mapping, name, dtypes) if byte_copy and not fp8 else None
+        if plan is None:
+            nbytes = reader.tensors[name].nbytes
+            if batch and size + nbytes > read_budget:
+                flush()
+            batch.append(name)
+            size += nbytes
+            continue
+        flush()
+        for hf_name, path, offset, nbytes in plan:
+            writer.copy_from(hf_name, hf_shapes[hf_name], dtypes[hf_name], path, offset, nbytes)
+            copied += 1
+    flush()
+    return copied
+
+
 def _read_batch(reader, names):
     tensors = reader.read(names)
     for name in names:
@@ -124,8 +193,8 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, hf_config_dir: st
                            fp8: bool = False, dtype: str | None = None,
                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, reader: str = "stream",
                            tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
-                           read_budget: int = DEFAULT_READ_BUDGET, overwrite: bool = False,
-                           log=print) -> str:
+                           read_budget: int = DEFAULT_READ_BUDGET, byte_copy: bool = True,
+                           overwrite: bool = False, log=print) -> str:
     """Convert; returns the output directory (collective under torchrun with ``reader="model"``)."""
     info = checkpoint_info(megatron_dir, hf_config_dir)
     hf_config = info.hf_config
@@ -140,42 +209,45 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, hf_config_dir: st
         specs = fp8_format.fp8_specs(specs)
     staged = StagedDir(out_dir, overwrite=overwrite)
 
-    if reader == "stream":
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConversionError("the stream reader runs in one process; use --reader model under "
-                                  "torchrun")
-        source = stream_megatron_tensors(dist_reader, mapping, read_budget)
-        rank0, started = True, False
-    elif reader == "model":
-        from gmpo_megatron.megatron.parallel import init_distributed
-
-        started = _ensure_process_group()
-        init_distributed(tp=tp, pp=pp, ep=ep, etp=etp)
-        rank0 = dist.get_rank() == 0
-        source = _model_tensors(info, mapping, source_dtype, tp, pp, ep, etp)
-    else:
+    if reader not in ("stream", "model"):
         raise ConversionError(f"reader {reader!r} is not one of 'stream', 'model'")
+    if reader == "stream" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConversionError("the stream reader runs in one process; use --reader model under "
+                              "torchrun")
 
-    writer = None
+    writer, rank0, started = None, True, False
     try:
+        if reader == "model":
+            from gmpo_megatron.megatron.parallel import init_distributed
+
+            started = _ensure_process_group()
+            init_distributed(tp=tp, pp=pp, ep=ep, etp=etp)
+            rank0 = dist.get_rank() == 0
+            source = _model_tensors(info, mapping, source_dtype, tp, pp, ep, etp)
         if rank0:
             staged.prepare()
             writer = ShardedSafetensorsWriter(staged.path, specs, max_shard_bytes)
             log(f"megatron-to-hf: {hf_config.model_type}, {len(specs)} tensors "
                 f"({sum(s.nbytes for s in specs) / 1e9:.2f} GB){' block FP8' if fp8 else ''}, "
                 f"{reader} reader")
-        for name, full in source:
-            if rank0:
-                for hf_name, tensor in mapping.to_hf(name, full):
-                    _write(writer, hf_name, tensor, dtypes[hf_name], fp8)
-            del full
+        copied = 0
+        if reader == "stream":
+            copied = _export_stream(dist_reader, mapping, writer, dtypes, fp8, read_budget,
+                                    byte_copy)
+        else:
+            for name, full in source:
+                if rank0:
+                    for hf_name, tensor in mapping.to_hf(name, full):
+                        _write(writer, hf_name, tensor, dtypes[hf_name], fp8)
+                del full
         if rank0:
             files = writer.finish()
             _write_config(info, staged.path, specs, fp8)
-            copied = copy_model_files(info.hf_files_dir, staged.path, skip=("config.json",))
+            model_files = copy_model_files(info.hf_files_dir, staged.path, skip=("config.json",))
             staged.commit({
                 "kind": HF_KIND, "source": info.directory, "model_type": hf_config.model_type,
-                "fp8": fp8, "reader": reader, "files": files, "copied": copied,
+                "fp8": fp8, "reader": reader, "files": files, "copied": model_files,
+                "tensors_copied_file_to_file": copied,
                 "dtypes": sorted({dtype_name(s.dtype) for s in specs}),
                 "ignored_checkpoint_keys": len(dist_reader.ignored_keys),
             })

@@ -3,8 +3,10 @@
 The full list of output tensors (name, shape, dtype) is known before any data exists (it follows
 from the HF config), so the writer plans every shard — its tensors, their byte offsets, its header —
 up front. A shard's file is opened and its header written when its first tensor arrives; each
-tensor's bytes are appended as it arrives and then dropped; the file is fsync'ed and closed when its
-last tensor arrives (so the completion marker, written after, never vouches for unwritten data). Memory is therefore one tensor, never one shard, and there is no second pass.
+tensor's bytes are appended as it arrives and then dropped (or copied file-to-file inside the kernel
+with ``copy_from`` when they already exist as raw bytes elsewhere); the file is fsync'ed and closed
+when its last tensor arrives (so the completion marker, written after, never vouches for unwritten
+data). Memory is therefore one tensor, never one shard, and there is no second pass.
 
 File format (https://github.com/huggingface/safetensors): 8-byte little-endian header length, a
 JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``
@@ -78,24 +80,44 @@ class ShardedSafetensorsWriter:
         self.bytes_written = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (the next planned tensor, exact shape and dtype)."""
+        spec = self._next_spec(name, tuple(tensor.shape), tensor.dtype)
+        if spec.nbytes:
+            _write_all(self._handle, memoryview(tensor.contiguous().view(torch.uint8)
+                                                .reshape(-1).numpy()))
+        self._advance(spec)
+
+    def copy_from(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, path: str,
+                  offset: int, nbytes: int) -> None:
+        """Append the next planned tensor by copying ``nbytes`` raw bytes at ``offset`` of file
+        ``path`` (the tensor's exact little-endian bytes), inside the kernel when it can."""
+        spec = self._next_spec(name, tuple(shape), dtype)
+        if nbytes != spec.nbytes:
+            raise ConversionError(f"{name}: {nbytes} source bytes for a {spec.nbytes}-byte tensor")
+        with open(path, "rb", buffering=0) as source:
+            _copy_range(source.fileno(), self._handle, offset, nbytes)
+        self._advance(spec)
+
+    def _next_spec(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
         if self._next >= len(self._order):
             raise ConversionError(f"export produced an unplanned extra tensor {name}")
         shard_index, spec = self._order[self._next]
-        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        if name != spec.name or shape != spec.shape or dtype != spec.dtype:
             raise ConversionError(
-                f"export produced {name} {tuple(tensor.shape)} {tensor.dtype}, but the plan expected "
+                f"export produced {name} {shape} {dtype}, but the plan expected "
                 f"{spec.name} {spec.shape} {spec.dtype} next"
             )
-        shard = self.shards[shard_index]
         if self._handle is None:
-            self._handle = open(os.path.join(self.directory, shard.filename), "wb")
-            self._handle.write(shard.header)
-        data = tensor.contiguous().view(torch.uint8).reshape(-1).numpy() if spec.nbytes else b""
-        self._handle.write(memoryview(data))
+            shard = self.shards[shard_index]
+            self._handle = open(os.path.join(self.directory, shard.filename), "wb", buffering=0)
+            _write_all(self._handle, memoryview(shard.header))
+        return spec
+
+    def _advance(self, spec: TensorSpec) -> None:
+        shard_index = self._order[self._next][0]
         self.bytes_written += spec.nbytes
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:
-            self._handle.flush()
             os.fsync(self._handle.fileno())  # durable before the completion marker is written
             self._handle.close()
             self._handle = None
@@ -118,6 +140,34 @@ class ShardedSafetensorsWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def _write_all(handle, data: memoryview) -> None:
+    written = 0
+    while written < len(data):
+        written += handle.write(data[written:])
+
+
+def _copy_range(source_fd: int, handle, offset: int, nbytes: int) -> None:
+    """``nbytes`` from ``source_fd`` at ``offset`` to the end of ``handle``: ``copy_file_range``
+    (no user-space copy), or pread + write where the kernel or filesystem does not offer it."""
+    done = 0
+    try:
+        while done < nbytes:
+            n = os.copy_file_range(source_fd, handle.fileno(), nbytes - done, offset + done)
+            if n == 0:
+                raise ConversionError(f"source file ended {nbytes - done} bytes early")
+            done += n
+        return
+    except (AttributeError, OSError):
+        pass  # copy what is left through user space
+    block = 64 << 20
+    while done < nbytes:
+        chunk = os.pread(source_fd, min(block, nbytes - done), offset + done)
+        if not chunk:
+            raise ConversionError(f"source file ended {nbytes - done} bytes early")
+        _write_all(handle, memoryview(chunk))
+        done += len(chunk)
 
 
 def _plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[_Shard]:

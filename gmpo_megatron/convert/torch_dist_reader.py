@@ -207,39 +207,87 @@ class TorchDistCheckpoint:
 
         DCP stores each chunk as a small ``torch.save`` zip archive; ``read_data`` would
         ``torch.load`` it (allocate + read) and then copy it into our buffer. When the request is a
-        whole stored chunk, the destination is contiguous and the archive holds one contiguous
-        storage of exactly that tensor (always so for chunks Megatron or our writer saved), the
-        archive's data record is read with one ``readinto`` into the destination instead: same
-        bytes, no intermediate tensor. Anything else (or any surprise) takes DCP's path."""
-        from torch.distributed.checkpoint.filesystem import _create_file_view
-
+        whole stored chunk and the destination is contiguous, the archive's raw data record (see
+        ``_raw_data_offset``) is read with one ``readinto`` into the destination instead: same
+        bytes, no intermediate tensor. Anything else takes DCP's path."""
         info = self._reader.storage_data[item.storage_index]
         chunk = self.metadata.state_dict_metadata[item.storage_index.fqn].chunks[
             item.storage_index.index]
         target = _Planner(targets).resolve_tensor(item)
-        if (info.transform_descriptors or any(item.storage_offsets)
-                or tuple(item.lengths) != tuple(chunk.sizes) or not target.is_contiguous()):
+        if (any(item.storage_offsets) or tuple(item.lengths) != tuple(chunk.sizes)
+                or not target.is_contiguous()):
             return False
+        offset = self._raw_data_offset(info, tuple(target.shape), target.dtype)
+        if offset is None:
+            return False
+        read_into(self._handle(info.relative_path), offset, target)
+        return True
+
+    def _raw_data_offset(self, info, shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
+        """Absolute file offset of a stored chunk's raw bytes, when its archive holds exactly one
+        contiguous tensor of ``shape`` / ``dtype`` with nothing else in its storage (always so for
+        chunks Megatron or our writer saved); None for anything else."""
+        from torch.distributed.checkpoint.filesystem import _create_file_view
+
+        if info.transform_descriptors:
+            return None
         handle = self._handle(info.relative_path)
         try:
             view = _create_file_view(handle, info.offset, info.length)
             archive = torch._C.PyTorchFileReader(view)
             records = [r for r in archive.get_all_records() if r.startswith("data/")]
             if records != ["data/0"]:
-                return False
+                return None
             record_offset = archive.get_record_offset("data/0")
             view.seek(0)
             with torch.serialization.skip_data():
                 stored = torch.load(view, weights_only=True)
         except Exception:
-            return False
-        if (not isinstance(stored, torch.Tensor) or stored.dtype != target.dtype
-                or tuple(stored.shape) != tuple(target.shape) or not stored.is_contiguous()
-                or stored.storage_offset() != 0
-                or stored.untyped_storage().nbytes() != target.numel() * target.element_size()):
-            return False
-        read_into(handle, info.offset + record_offset, target)
-        return True
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if (not isinstance(stored, torch.Tensor) or stored.dtype != dtype
+                or tuple(stored.shape) != tuple(shape) or not stored.is_contiguous()
+                or stored.storage_offset() != 0 or stored.untyped_storage().nbytes() != nbytes):
+            return None
+        return info.offset + record_offset
+
+    def byte_ranges(self, name: str) -> list[tuple[str, int, int]] | None:
+        """Where the bytes of canonical tensor ``name`` lie, as ``(file, offset, nbytes)`` pieces
+        in row order — when it is tiled along dim 0 by whole stored chunks held as raw bytes (a
+        checkpoint saved at TP1/ETP1: fc1 is two chunks, gate rows then up rows). Vocab padding
+        rows are left out. None otherwise."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        stored = self.tensors[name]
+        itemsize = stored.dtype.itemsize
+        ranges, row = [], 0
+        for part in stored.parts:
+            lead = len(part.index)
+            row_bytes = math.prod(part.shape[1:]) * itemsize
+            tiles = sorted(
+                (c for c in self.metadata.state_dict_metadata[part.fqn].chunks
+                 if tuple(c.offsets[:lead]) == part.index and all(n == 1 for n in c.sizes[:lead])),
+                key=lambda c: c.offsets[lead])
+            expected_row = 0
+            for chunk in tiles:
+                rows_here = chunk.sizes[lead]
+                if (chunk.offsets[lead] != expected_row or any(chunk.offsets[lead + 1:])
+                        or tuple(chunk.sizes[lead + 1:]) != part.shape[1:]):
+                    return None
+                info = self._reader.storage_data.get(MetadataIndex(part.fqn, chunk.offsets))
+                offset = None if info is None else self._raw_data_offset(
+                    info, tuple(chunk.sizes), stored.dtype)
+                if offset is None:
+                    return None
+                wanted = min(rows_here, stored.shape[0] - row)
+                if wanted > 0:
+                    ranges.append((os.path.join(self.directory, info.relative_path), offset,
+                                   wanted * row_bytes))
+                    row += wanted
+                expected_row += rows_here
+            if expected_row != part.shape[0]:
+                return None
+        return ranges if row == stored.shape[0] else None
 
     def _handle(self, relative_path: str):
         handles = self.__dict__.setdefault("_handles", {})

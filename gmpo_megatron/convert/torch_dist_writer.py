@@ -39,6 +39,11 @@ class HFChunkSource:
         self._hf_shapes = mapping.expected_hf_shapes()
         self.names_read: set[str] = set()
         self.chunks_served = 0
+        self._parts: tuple[str | None, list] = (None, [])
+        # The fc1 fast path relies on the mapping building fc1 as cat([gate, up], dim 0).
+        gate, up = torch.zeros(2, 3), torch.ones(2, 3)
+        fused = mapping.to_megatron("decoder.layers.0.mlp.linear_fc1.weight", [gate, up])
+        self._fc1_is_cat = torch.equal(fused, torch.cat([gate, up]))
 
     def read_hf(self, name: str) -> torch.Tensor:
         self.names_read.add(name)
@@ -64,7 +69,7 @@ class HFChunkSource:
         return tensor.to(dtype).reshape(sizes)
 
     def _locate(self, fqn: str, global_size, offsets, sizes) -> tuple[str, int]:
-        if getattr(self, "_parts", (None,))[0] != fqn:
+        if self._parts[0] != fqn:
             self._parts = (fqn, list(_expand(fqn, tuple(global_size))))
         for name, part in self._parts[1]:
             lead = len(part.index)
@@ -76,7 +81,8 @@ class HFChunkSource:
         raise ConversionError(f"no canonical tensor for {fqn} at {list(offsets)}")
 
     def _fc1_half(self, name: str, group, region) -> torch.Tensor | None:
-        if not name.endswith("linear_fc1.weight") or len(group.hf_names) != 2:
+        if (not self._fc1_is_cat or not name.endswith("linear_fc1.weight")
+                or len(group.hf_names) != 2):
             return None
         (row, rows), *rest = region
         gate_rows = self._hf_shapes[group.hf_names[0]][0]

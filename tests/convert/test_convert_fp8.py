@@ -95,3 +95,11 @@ def test_fp8_export_format(hf_models, megatron_models, tmp_path, kind):
         assert "lm_head" in not_converted
     report = verify_weights(hf_models[kind], other_hf_dir=out)
     assert report.passed and report.fp8_tensors == len(scales), report.summary()
+
+
+def test_serving_layout_note_for_qwen3_30b_expert_width():
+    from convert_helpers import hf_config
+
+    notes = fp8.expert_block_warnings(hf_config("qwen3_moe", moe_intermediate_size=768))
+    assert len(notes) == 1 and "[4, 8]" in notes[0]
+    assert fp8.expert_block_warnings(hf_config("qwen3")) == []

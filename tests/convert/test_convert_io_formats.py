@@ -165,3 +165,30 @@ def test_trainer_style_checkpoint_with_optimizer_state_exports(hf_models, tmp_pa
     out = convert_megatron_to_hf(str(step_dir), str(tmp_path / "hf"),
                                  hf_config_dir=hf_models["qwen3"], log=lambda message: None)
     assert_same_tensors(hf_models["qwen3"], out)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "qwen3_moe"])
+def test_file_to_file_copies_write_the_same_files_as_reading(megatron_models, tmp_path, kind):
+    """Tensors that are plain byte ranges of the checkpoint (all but the QKV split) are copied
+    file-to-file; the output files are byte-identical to the read-transform-write path."""
+    import filecmp
+
+    from gmpo_megatron.convert.staging import read_marker
+
+    copied = convert_megatron_to_hf(megatron_models[kind], str(tmp_path / "copied"),
+                                    max_shard_bytes=30_000, log=lambda message: None)
+    read = convert_megatron_to_hf(megatron_models[kind], str(tmp_path / "read"),
+                                  max_shard_bytes=30_000, byte_copy=False,
+                                  log=lambda message: None)
+    files = sorted(f for f in os.listdir(read) if f.endswith((".safetensors", ".json"))
+                   and f != "gmpo_convert.json")
+    assert files == sorted(f for f in os.listdir(copied) if f.endswith((".safetensors", ".json"))
+                           and f != "gmpo_convert.json")
+    for name in files:
+        assert filecmp.cmp(os.path.join(copied, name), os.path.join(read, name), shallow=False)
+    qkv_pieces = 6 if kind == "qwen2" else 3  # q, k, v weights (+ biases): split, not copied
+    with open(os.path.join(read, "model.safetensors.index.json")) as f:
+        total = len(json.load(f)["weight_map"])
+    layers = hf_config(kind).num_hidden_layers
+    assert read_marker(copied)["tensors_copied_file_to_file"] == total - qkv_pieces * layers
+    assert read_marker(read)["tensors_copied_file_to_file"] == 0
