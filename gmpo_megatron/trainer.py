@@ -29,6 +29,7 @@ from gmpo_megatron.megatron import checkpoint as ckpt
 from gmpo_megatron.megatron.micro_batches import (
     Sample,
     build_micro_batch,
+    model_input_shape,
     plan_micro_batches,
     plan_packed_micro_batches,
     split_evenly,
@@ -273,17 +274,31 @@ class Trainer:
         return [m for m in split_evenly(order, self.cfg.train.mini_batches) if m]
 
     def _micro_batches(self, samples: list[Sample], indices: list[int]):
-        t = self.cfg.train
-        seq_multiple = self.layout.tp if self.model.config.sequence_parallel else 1
+        """This DP rank's micro-batches of ``samples[indices]`` (every rank plans all ranks)."""
+        t, layout = self.cfg.train, self.layout
+        seq_multiple = layout.tp if self.model.config.sequence_parallel else 1
         if t.packing:
             lengths = {i: samples[i].length for i in indices}
-            plan = plan_packed_micro_batches(lengths, indices, self.layout.dp_rank, self.layout.dp,
-                                             t.max_tokens_per_microbatch)
+            plans = [plan_packed_micro_batches(lengths, indices, r, layout.dp, t.max_tokens_per_microbatch)
+                     for r in range(layout.dp)]
         else:
-            plan = plan_micro_batches(indices, self.layout.dp_rank, self.layout.dp, t.micro_batch_size)
+            plans = [plan_micro_batches(indices, r, layout.dp, t.micro_batch_size) for r in range(layout.dp)]
+        min_shapes = [(0, 0)] * len(plans[layout.dp_rank])
+        if self._uniform_tokens:
+            # allgather dispatcher: micro-batch k has the same shape on every DP (hence EP) rank
+            shapes = [[model_input_shape(samples, chunk, seq_multiple, t.packing) for chunk in plan]
+                      for plan in plans]
+            min_shapes = [tuple(max(dim) for dim in zip(*column)) for column in zip(*shapes)]
         return [build_micro_batch(samples, chunk, pad_id=self.tokenizer.pad_token_id,
-                                  seq_multiple=seq_multiple, device=self.device, packed=t.packing)
-                for chunk in plan]
+                                  seq_multiple=seq_multiple, device=self.device, packed=t.packing,
+                                  min_shape=shape)
+                for chunk, shape in zip(plans[layout.dp_rank], min_shapes)]
+
+    @property
+    def _uniform_tokens(self) -> bool:
+        config = self.model.config
+        return bool(config.num_moe_experts) and self.layout.ep > 1 and (
+            config.moe_token_dispatcher_type == "allgather")
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()

@@ -98,16 +98,31 @@ def _loss_inputs(chosen: Sequence[Sample], starts: list[int]):
     return logit_index, targets, mask, old, rollout
 
 
+def model_input_shape(samples: Sequence[Sample], indices: Sequence[int], seq_multiple: int,
+                      packed: bool) -> tuple[int, int]:
+    """``(rows, sequence length)`` of the model input that ``build_micro_batch`` makes."""
+    round_up = lambda n: -(-n // seq_multiple) * seq_multiple  # noqa: E731
+    if packed:
+        return 1, round_up(sum(samples[i].length for i in indices))
+    return len(indices), round_up(max(samples[i].length for i in indices))
+
+
 def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], *, pad_id: int,
-                      seq_multiple: int, device: torch.device, packed: bool) -> MicroBatch:
+                      seq_multiple: int, device: torch.device, packed: bool,
+                      min_shape: tuple[int, int] = (0, 0)) -> MicroBatch:
     """``samples[indices]`` as one micro-batch; the model's sequence length is padded to a
-    multiple of ``seq_multiple`` (the TP size under sequence parallelism)."""
+    multiple of ``seq_multiple`` (the TP size under sequence parallelism). ``min_shape`` pads the
+    model input to at least that many rows (padded layout) and tokens per row: the allgather MoE
+    dispatcher needs the same token count on every expert-parallel rank."""
     chosen = [samples[i] for i in indices]
     if not chosen:
         raise ValueError("a micro-batch needs at least one sequence")
+    rows, seq = model_input_shape(samples, indices, seq_multiple, packed)
+    rows, seq = max(rows, min_shape[0]), max(seq, min_shape[1])
     if packed:
-        lengths = [s.length for s in chosen]
-        total = -(-sum(lengths) // seq_multiple) * seq_multiple
+        if rows != 1:
+            raise ValueError(f"a packed micro-batch has one row, min_shape asks for {rows}")
+        total = seq
         tokens = torch.full((1, total), pad_id, dtype=torch.long)
         positions = torch.zeros((1, total), dtype=torch.long)
         segment = torch.full((total,), -1, dtype=torch.long)  # -1: tail padding
@@ -123,13 +138,11 @@ def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], *, pad_
         causal = torch.ones((total, total), dtype=torch.bool).tril()
         visible = causal & (segment[:, None] == segment[None, :])
         attention_mask = (~visible)[None, None]
-    else:
-        seq = max(s.length for s in chosen)
-        seq = -(-seq // seq_multiple) * seq_multiple
-        tokens = torch.full((len(chosen), seq), pad_id, dtype=torch.long)
+    else:  # extra rows (min_shape) hold only padding and feed no loss
+        tokens = torch.full((rows, seq), pad_id, dtype=torch.long)
         for row, s in enumerate(chosen):
             tokens[row, :s.length] = torch.tensor(s.prompt_ids + s.response_ids)
-        positions = torch.arange(seq).unsqueeze(0).expand(len(chosen), -1).contiguous()
+        positions = torch.arange(seq).unsqueeze(0).expand(rows, -1).contiguous()
         starts = [row * seq for row in range(len(chosen))]
         attention_mask = None
     logit_index, targets, mask, old, rollout = _loss_inputs(chosen, starts)
