@@ -56,8 +56,10 @@ class PrecisionConfig(_Section):
 
 
 class MoEConfig(_Section):
-    routing_replay: Literal["none"] = "none"
-    """R2/R3 routing replay arrive with the MoE-stability issue; only 'none' is implemented."""
+    routing_replay: Literal["none", "r2"] = "none"
+    """r2: the experts chosen in the old-log-prob pass are replayed in every update pass of the
+    step (docs/routing_replay.md). R3 (the rollout engine's routes) needs an engine that returns
+    them; the embedded engine does not."""
     aux_loss_coeff: float = Field(0.0, ge=0.0)
     z_loss_coeff: float | None = Field(None, ge=0.0)
     router_dtype: Literal["fp32", "fp64"] = "fp32"
@@ -164,6 +166,13 @@ class Config(_Section):
             raise ValueError(
                 f"algorithm.clip_level / algorithm.length_norm are GMPO options (paper Table 4) "
                 f"but algorithm.loss={alg.loss!r}: remove them or set algorithm.loss=gmpo"
+            )
+        longest = self.data.max_prompt_length + self.rollout.max_new_tokens
+        if self.train.packing and self.train.max_tokens_per_microbatch < longest:
+            raise ValueError(
+                f"train.max_tokens_per_microbatch={self.train.max_tokens_per_microbatch} cannot hold "
+                f"the longest possible sequence, data.max_prompt_length + rollout.max_new_tokens = "
+                f"{longest}: raise it to at least {longest}"
             )
         if self.model.hf_config is None and self.model.hf_checkpoint is None:
             raise ValueError("model.hf_config=null needs model.hf_checkpoint (a local HF directory)")

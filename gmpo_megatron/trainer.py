@@ -100,6 +100,15 @@ class Trainer:
             distributed_optimizer=p.distributed_optimizer, bf16=cfg.precision.params_dtype == "bf16",
             lr_schedule=t.lr_schedule,
         ))
+        from gmpo_megatron.megatron.expert_load import ExpertLoad
+        from gmpo_megatron.megatron.routing_replay import RoutingReplay
+
+        is_moe = bool(self.model.config.num_moe_experts)
+        if cfg.moe.routing_replay != "none" and not is_moe:
+            raise ValueError(f"moe.routing_replay={cfg.moe.routing_replay!r} but the model has no "
+                             "experts: set moe.routing_replay=none")
+        self.routing_replay = RoutingReplay(self.model) if cfg.moe.routing_replay == "r2" else None
+        self.expert_load = ExpertLoad(self.model) if is_moe else None
         self.step = 0
         self.data_position = 0
         self.weight_version = 0
@@ -309,11 +318,15 @@ class Trainer:
         if len(samples) >= self.layout.dp:
             all_indices = list(range(len(samples)))
             old_batches = self._micro_batches(samples, all_indices)
-            compute_old_log_probs(self.model, samples, old_batches, self.loss_settings.temperature)
+            routes = compute_old_log_probs(self.model, samples, old_batches, self.loss_settings.temperature,
+                                           replay=self.routing_replay)
+            if self.expert_load is not None:
+                self.expert_load.reset()  # the load metrics describe the update passes
             for epoch in range(self.cfg.train.ppo_epochs):
                 for mini in self._mini_batches(samples, epoch, step):
                     batches = self._micro_batches(samples, mini)
-                    part, grad_norm, ok = train_on_batches(self.model, self.optimizer, batches, self.loss_settings)
+                    part, grad_norm, ok = train_on_batches(self.model, self.optimizer, batches,
+                                                           self.loss_settings, self.routing_replay, routes)
                     if not ok:
                         raise FloatingPointError(f"step {step}: the optimizer step was skipped (non-finite "
                                                  "gradients); lower train.lr or check the rewards")
@@ -323,6 +336,8 @@ class Trainer:
         t_train = time.perf_counter() - t0 - t_rollout
         t_sync = self.sync_weights()
         row = self._reduce_metrics(metrics)
+        if self.expert_load is not None:
+            row.update(self.expert_load.metrics())  # collective over all ranks
         row.update(stats)
         row.update(
             step=step, grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),

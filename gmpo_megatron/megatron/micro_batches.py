@@ -59,6 +59,7 @@ class MicroBatch:
     response_mask          [B, R]        True for real response tokens
     old_log_prob, rollout_log_prob [B, R]
     advantages             [B]
+    spans                  (row, start, length) of each sequence in ``tokens`` (routing replay)
     """
 
     tokens: torch.Tensor
@@ -71,6 +72,7 @@ class MicroBatch:
     rollout_log_prob: torch.Tensor
     advantages: torch.Tensor
     sample_indices: list[int]
+    spans: list[tuple[int, int, int]]
 
     @property
     def num_tokens(self) -> int:
@@ -146,10 +148,12 @@ def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], *, pad_
         starts = [row * seq for row in range(len(chosen))]
         attention_mask = None
     logit_index, targets, mask, old, rollout = _loss_inputs(chosen, starts)
+    spans = [(0, start, sm.length) if packed else (row, 0, sm.length)
+             for row, (sm, start) in enumerate(zip(chosen, starts))]
     advantages = torch.tensor([s.advantage for s in chosen], dtype=torch.float32)
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return MicroBatch(to(tokens), to(positions), to(attention_mask), to(logit_index), to(targets),
-                      to(mask), to(old), to(rollout), to(advantages), list(indices))
+                      to(mask), to(old), to(rollout), to(advantages), list(indices), spans)
 
 
 def split_evenly(items: Sequence[int], parts: int) -> list[list[int]]:

@@ -13,6 +13,7 @@ micro-batch split, DP size and model-parallel layout.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -83,14 +84,21 @@ def _old_log_prob_func(batch: MicroBatch, output: torch.Tensor):
                                                    "indices": batch.sample_indices}
 
 
-def _forward_step(loss_func, data_iterator, model):
+def _forward_step(loss_func, routing, data_iterator, model):
     batch: MicroBatch = next(data_iterator)
-    output = model(batch.tokens, batch.position_ids, attention_mask=batch.attention_mask)
+    with routing(batch):
+        output = model(batch.tokens, batch.position_ids, attention_mask=batch.attention_mask)
     return output, partial(loss_func, batch)
 
 
-def run_schedule(model_chunks, batches: list[MicroBatch], loss_func, forward_only: bool):
-    """Megatron's forward(-backward) schedule over ``batches`` (PP-aware)."""
+def _no_routing(batch: MicroBatch):
+    return nullcontext()
+
+
+def run_schedule(model_chunks, batches: list[MicroBatch], loss_func, forward_only: bool,
+                 routing=_no_routing):
+    """Megatron's forward(-backward) schedule over ``batches`` (PP-aware). ``routing(batch)`` is a
+    context manager entered around each forward (routing replay record / replay)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     forward_backward = get_forward_backward_func()
@@ -98,7 +106,7 @@ def run_schedule(model_chunks, batches: list[MicroBatch], loss_func, forward_onl
     mbs = max(b.tokens.shape[0] for b in batches)
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     return forward_backward(
-        forward_step_func=partial(_forward_step, loss_func),
+        forward_step_func=partial(_forward_step, loss_func, routing),
         data_iterator=iter(batches),
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(batches),
@@ -108,15 +116,30 @@ def run_schedule(model_chunks, batches: list[MicroBatch], loss_func, forward_onl
     )
 
 
+def _sp_tp_group():
+    """The TP group (sequence parallelism splits the router's tokens over it), None at TP1."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
 @torch.no_grad()
 def compute_old_log_probs(model_chunks, samples: list[Sample], batches: list[MicroBatch],
-                          temperature: float) -> None:
-    """Fill ``Sample.old_log_probs`` on the last pipeline stage (the only stage that reads them)."""
+                          temperature: float, replay=None) -> dict[int, dict] | None:
+    """Fill ``Sample.old_log_probs`` on the last pipeline stage (the only stage that reads them).
+
+    With ``replay`` (a RoutingReplay: R2), the routes of this pass are recorded and returned per
+    sample (``{sample index: {layer: [n, top_k]}}``, this stage's layers, every sample of the
+    batch on every DP rank) for the update passes to replay."""
+    from megatron.core import parallel_state as ps
+
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     for chunk in chunks:
         chunk.eval()
     _old_log_prob_func.temperature = temperature
-    outputs = run_schedule(model_chunks, batches, _old_log_prob_func, forward_only=True)
+    routing = _no_routing if replay is None else (
+        lambda b: replay.record(("old", tuple(b.sample_indices))))
+    outputs = run_schedule(model_chunks, batches, _old_log_prob_func, forward_only=True, routing=routing)
     for chunk in chunks:
         chunk.train()
     local: list[tuple[int, list[float]]] = []
@@ -126,26 +149,57 @@ def compute_old_log_probs(model_chunks, samples: list[Sample], batches: list[Mic
             local.append((index, log_prob[row, :len(samples[index].response_ids)].tolist()))
     # Each data-parallel rank scored its own share; the update's mini-batches are drawn from the
     # whole batch, so every rank of the last stage needs every sample's old log-probs.
-    from megatron.core import parallel_state as ps
-
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1:
-        shares: list = [None] * ps.get_data_parallel_world_size()
+    dp = ps.get_data_parallel_world_size()
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and dp > 1:
+        shares: list = [None] * dp
         torch.distributed.all_gather_object(shares, local, group=ps.get_data_parallel_group())
         local = [item for share in shares for item in share]
     for index, values in local:
         samples[index].old_log_probs = values
+    if replay is None:
+        return None
+    from gmpo_megatron.megatron.sequence_routes import all_gather_sequence_routes
+
+    routes: dict[int, dict] = {}
+    sp_group = _sp_tp_group() if chunks[0].config.sequence_parallel else None
+    for b in batches:
+        key = ("old", tuple(b.sample_indices))
+        per_sequence = replay.sequence_routes(key, b.spans, tuple(b.tokens.shape), tp_group=sp_group)
+        routes.update(zip(b.sample_indices, per_sequence))
+    replay.clear()
+    if dp > 1:
+        routes = all_gather_sequence_routes(routes, ps.get_data_parallel_group())
+    return routes
 
 
-def train_on_batches(model_chunks, optimizer, batches: list[MicroBatch],
-                     settings: LossSettings) -> tuple[Metrics, float, bool]:
-    """One optimizer step over ``batches`` (this rank's micro-batches of one mini-batch).
+def train_on_batches(model_chunks, optimizer, batches: list[MicroBatch], settings: LossSettings,
+                     replay=None, routes: dict[int, dict] | None = None) -> tuple[Metrics, float, bool]:
+    """One optimizer step over ``batches`` (this rank's micro-batches of one mini-batch); with
+    ``replay`` and ``routes`` (from ``compute_old_log_probs``) every forward uses the recorded experts.
 
     Returns (metrics of this rank, reduced over DP later; grad norm; update successful)."""
+    from megatron.core import parallel_state as ps
+
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    routing = _no_routing
+    if replay is not None:
+        sequence_parallel = chunks[0].config.sequence_parallel
+        tp_rank = ps.get_tensor_model_parallel_rank() if sequence_parallel else 0
+        tp_size = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+        for b in batches:
+            replay.set_sequence_routes(("update", tuple(b.sample_indices)),
+                                       [routes[i] for i in b.sample_indices], b.spans,
+                                       tuple(b.tokens.shape), tp_rank, tp_size)
+        routing = lambda b: replay.replay(("update", tuple(b.sample_indices)))  # noqa: E731
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    outputs = run_schedule(model_chunks, batches, partial(_with_settings, settings), forward_only=False)
+    try:
+        outputs = run_schedule(model_chunks, batches, partial(_with_settings, settings),
+                               forward_only=False, routing=routing)
+    finally:
+        if replay is not None:
+            replay.clear()  # the same samples come back next epoch under the same keys
     metrics = Metrics()
     for out in outputs or []:
         metrics.merge(out["metrics"])

@@ -41,3 +41,14 @@ def test_cli_exit_code_2_and_message(capsys):
 def test_overrides_are_typed():
     cfg = load_config(TINY, ["train.lr=1e-4", "parallel.etp=null", "data.train_files=[a.parquet]"])
     assert cfg.train.lr == 1e-4 and cfg.parallel.etp is None and cfg.data.train_files == ["a.parquet"]
+
+
+def test_token_budget_must_hold_the_longest_sequence():
+    with pytest.raises(ConfigError, match="max_tokens_per_microbatch=50.*at least 68"):
+        load_config(TINY, ["train.max_tokens_per_microbatch=50"])  # 64 prompt + 4 new tokens
+
+
+def test_routing_replay_values():
+    assert load_config(TINY, ["moe.routing_replay=r2"]).moe.routing_replay == "r2"
+    with pytest.raises(ConfigError, match="routing_replay"):
+        load_config(TINY, ["moe.routing_replay=r3"])

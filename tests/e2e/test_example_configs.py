@@ -109,10 +109,10 @@ def check_layout(cfg: Config, world: int) -> dict[str, int]:
     assert rollouts % cfg.train.mini_batches == 0, f"{rollouts} rollouts / {cfg.train.mini_batches}"
     assert cfg.rollout.prompts_per_step % cfg.train.mini_batches == 0, "groups split across minis"
     assert mini_batch % dp == 0, f"mini-batch {mini_batch} over dp {dp}"
-    assert mini_batch // dp >= cfg.train.micro_batch_size, "micro-batch larger than a DP share"
     sequence = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     assert sequence <= hf.max_position_embeddings, f"{sequence} tokens > max_position_embeddings"
-    assert cfg.train.micro_batch_size * sequence <= MAX_TOKENS_PER_MICRO_BATCH, "tokens per micro"
+    assert cfg.train.packing, "full-size configs pack sequences (train.packing)"
+    assert sequence <= cfg.train.max_tokens_per_microbatch <= MAX_TOKENS_PER_MICRO_BATCH, "token budget"
     return {"dp": dp, "expert_dp": world // (etp * p.ep * p.pp), "mini_batch": mini_batch}
 
 

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "examples/moe/tiny_cpu.yaml")
 # Small and quick: 2 mini-batches so that the second one trains on a moved policy (non-zero KL).
 QUICK = ["rollout.prompts_per_step=4", "rollout.n=4", "train.mini_batches=2", "train.max_tokens_per_microbatch=40",
+         "data.max_prompt_length=16",
          "logging.progress_bar=false", "reward.fn=arithmetic_first_integer"]
 REQUIRED_KEYS = {"step", "reward_mean", "response_len_mean", "loss", "grad_norm", "entropy", "kl",
                  "log_ratio_min", "log_ratio_max", "clipfrac", "time_step_s"}
@@ -206,3 +207,24 @@ def test_hf_checkpoint_disagreeing_with_hf_config_is_refused(tmp_path):
     result = run_train(tmp_path / "run", "train.steps=1", f"model.hf_checkpoint={tmp_path / 'hf'}")
     assert result.returncode != 0
     assert "rope" in result.stderr.lower()
+
+
+@pytest.fixture(scope="module")
+def single_process_r2_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single_r2")
+    result = run_train(root / "run", "train.steps=2", "moe.routing_replay=r2", *LAYOUT_LR)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return metrics(root / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.ep=2"], ["parallel.tp=2"]], ids=["ep2", "tp2_sp"])
+def test_routing_replay_r2_matches_single_process(tmp_path, layout, single_process_r2_run):
+    """R2 records routes per sample in the old-log-prob pass and replays them in the update
+    micro-batches (other shapes, other DP ranks, TP-split under sequence parallelism)."""
+    result = run_train(tmp_path / "run", "train.steps=2", "moe.routing_replay=r2", *LAYOUT_LR, *layout, nproc=2)
+    assert result.returncode == 0, result.stderr[-5000:]
+    for ra, rb in zip(single_process_r2_run, metrics(tmp_path / "run")):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6
+        assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-5 * max(1.0, abs(ra["grad_norm"]))
+        assert ra["moe_load_max_layer0"] == rb["moe_load_max_layer0"]
