@@ -56,6 +56,14 @@ class Trainer:
 
         self.cfg = cfg
         p = cfg.parallel
+        if p.cp > 1:
+            raise ValueError(
+                f"parallel.cp={p.cp}: context parallel training is not wired into the trainer yet. "
+                "The CP pieces exist and are tested on their own (gmpo_megatron/algo/context_parallel.py: "
+                "Megatron's 2*CP split and the exact per-sequence reduction before exp), but the "
+                "micro-batches are not split over CP ranks; it also needs Transformer-Engine "
+                "attention on GPU. Set parallel.cp=1"
+            )
         self.layout = init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp, seed=cfg.seed)
         self.rank = self.layout.rank
         self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()

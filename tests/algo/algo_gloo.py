@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import tempfile
 
 import torch
@@ -16,17 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world_size, port, fn, args, out_dir):
+def _entry(rank, world_size, store_path, fn, args, out_dir):
     torch.set_num_threads(1)  # N processes share 2 cores
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{store_path}",  # a file store: no TCP port to race for
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=120),
@@ -40,5 +33,6 @@ def _entry(rank, world_size, port, fn, args, out_dir):
 def run_gloo(world_size: int, fn, *args) -> list:
     """[fn(rank, world_size, *args) for each rank], computed in `world_size` gloo processes."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world_size, _free_port(), fn, args, out_dir), nprocs=world_size, join=True)
+        store_path = os.path.join(out_dir, "store")
+        mp.spawn(_entry, args=(world_size, store_path, fn, args, out_dir), nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"{r}.pt")) for r in range(world_size)]

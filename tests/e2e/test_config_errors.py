@@ -52,3 +52,22 @@ def test_routing_replay_values():
     assert load_config(TINY, ["moe.routing_replay=r2"]).moe.routing_replay == "r2"
     with pytest.raises(ConfigError, match="routing_replay"):
         load_config(TINY, ["moe.routing_replay=r3"])
+
+
+def test_context_parallel_without_transformer_engine_is_refused():
+    import torch
+
+    from gmpo_megatron.megatron.model_builder import BuildOptions, transformer_config
+    from gmpo_megatron.models.presets import tiny_qwen3_moe
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without Transformer-Engine/CUDA")
+    with pytest.raises(ValueError, match="parallel.cp > 1 needs Transformer-Engine"):
+        transformer_config(tiny_qwen3_moe(), BuildOptions(cp=2))
+
+
+def test_trainer_refuses_context_parallel_until_wired():
+    from gmpo_megatron.trainer import Trainer
+
+    with pytest.raises(ValueError, match="context parallel training is not wired"):
+        Trainer(load_config(TINY, ["parallel.cp=2"]))
