@@ -8,8 +8,8 @@ with safetensors directly (no model is built), then time, each in its own child 
 - ``copy``: ``shutil.copyfile`` of every file of the HF checkpoint, and ``copy + fsync`` (the
   physical limit of a *durable* copy: both converters fsync their output before the completion
   marker, and dist_checkpointing fsyncs every file it writes);
-- ``hf-to-megatron``: one process, TP1, writes torch_dist;
-- ``megatron-to-hf``: streaming reader, sharded safetensors;
+- ``hf-to-megatron``: one process, stream writer, torch_dist output;
+- ``megatron-to-hf``: stream reader (file-to-file copies where it can), sharded safetensors;
 - ``megatron-to-hf --fp8``: the same with block-FP8 quantisation.
 
 Every operation runs ``--rounds`` times, interleaved (the machine may be shared: the table gives the
@@ -20,8 +20,8 @@ maximum over *all* its waited-for children, so a shared parent could not separat
 measured inside the child after its imports (``time``; torch, transformers and megatron-core
 imports take ~5 s more on 2 cores);
 GB/s is checkpoint bytes over ``time``. The inputs are in the page cache (just written), so
-reads cost memory bandwidth, not disk time; durable writes pay the disk. After the round trip the exported tensors are compared with
-the originals bit for bit (outside the timings).
+reads cost memory bandwidth, not disk time; durable writes pay the disk. After the round trip the
+exported tensors are compared with the originals bit for bit (outside the timings).
 """
 
 from __future__ import annotations

@@ -167,7 +167,8 @@ def _read_batch(reader, names):
 def _model_tensors(info, mapping: QwenMapping, params_dtype: torch.dtype, tp: int, pp: int,
                    ep: int, etp: int | None) -> Iterator[tuple[str, torch.Tensor]]:
     """(canonical name, full tensor) gathered from a model built at the current layout (parallel
-    state initialised by the caller), reordered into the mapping's order (buffering at most the tensors that arrive early: about one layer)."""
+    state initialised by the caller), reordered into the mapping's order (buffering at most the
+    tensors that arrive early: about one layer)."""
     from gmpo_megatron.megatron.model_builder import build_model
     from gmpo_megatron.megatron.weights import iter_full_megatron_weights
 
