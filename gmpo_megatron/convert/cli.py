@@ -33,8 +33,10 @@ def _layout_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gmpo-convert", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gmpo-convert", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="HF <-> Megatron conversion, block-FP8 export and verification for Qwen2.5, "
+                    "Qwen3 and Qwen3-MoE (docs/convert.md)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show Megatron / torch warnings (hidden by default)")
     parser.add_argument("--threads", type=int, default=1,
@@ -157,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         return _run(args, log)
     except ConversionError as error:
         print(f"gmpo-convert {args.command}: refused: {error}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (tests)
 
 
 if __name__ == "__main__":
