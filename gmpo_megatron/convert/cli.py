@@ -148,26 +148,31 @@ def _run(args, log) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 verification failed, 2 refused).
+
+    Process-wide settings (warning filters, torch's thread count) are restored on return, so it
+    can run inside another program."""
+    import torch
+
     args = build_parser().parse_args(argv)
-    if not args.verbose:
-        for module in ("megatron", "torch.distributed", "transformers", "torch.utils"):
-            warnings.filterwarnings("ignore", module=module)
 
     def log(message: str) -> None:
         if _is_rank0():
             print(message, flush=True)
 
-    import torch
-
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args, log)
-    except ConversionError as error:
-        print(f"gmpo-convert {args.command}: refused: {error}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        torch.set_num_threads(threads)  # main() may run inside another program (tests)
+    with warnings.catch_warnings():
+        if not args.verbose:
+            for module in ("megatron", "torch.distributed", "transformers", "torch.utils"):
+                warnings.filterwarnings("ignore", module=module)
+        torch.set_num_threads(args.threads)
+        try:
+            return _run(args, log)
+        except ConversionError as error:
+            print(f"gmpo-convert {args.command}: refused: {error}", file=sys.stderr, flush=True)
+            return 2
+        finally:
+            torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
