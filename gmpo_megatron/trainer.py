@@ -95,6 +95,15 @@ class Trainer:
             moe_aux_loss_coeff=cfg.moe.aux_loss_coeff, moe_z_loss_coeff=cfg.moe.z_loss_coeff,
             moe_router_dtype=cfg.moe.router_dtype,
         )
+        from gmpo_megatron.megatron.model_builder import te_available
+
+        if cfg.train.packing and (opts.use_te if opts.use_te is not None else te_available()):
+            # The local spec honours the packed row's block-diagonal mask (tested on CPU). With the
+            # TE spec, packed batches must go through THD PackedSeqParams, which is not wired and
+            # verified on a GPU yet: refuse rather than risk attention across sequences.
+            raise ValueError("train.packing=true is verified on Megatron's local spec only; with "
+                             "Transformer-Engine set train.packing=false (padded micro-batches, "
+                             "train.micro_batch_size sequences each)")
         model = build_model(self.hf_config, opts)
         if torch.cuda.is_available():
             model = model.cuda()

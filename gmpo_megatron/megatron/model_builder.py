@@ -184,17 +184,41 @@ def transformer_config(hf_config, opts: BuildOptions):
             moe_permute_fusion=False,
             moe_router_bias_update_rate=0.0,
         )
-    if opts.fp8 is not None:
-        if not te_available():
-            raise ValueError(
-                f"precision.fp8={opts.fp8!r} needs Transformer-Engine on a CUDA GPU (Hopper or "
-                "newer): install the 'gpu' extra in the CUDA image, or set precision.fp8=null"
-            )
-        kwargs.update(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe)
+    kwargs.update(fp8_settings(opts))
     if opts.meta_device:  # see BuildOptions.meta_device
         kwargs.update(use_cpu_initialization=True, perform_initialization=False)
     kwargs.update(opts.extra)
     return TransformerConfig(**kwargs)
+
+
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("tensorwise", "blockwise", "delayed")
+
+
+def fp8_settings(opts: BuildOptions) -> dict[str, Any]:
+    """The TransformerConfig fields for FP8 training (Transformer-Engine), validated.
+
+    FP8 GEMMs keep bf16 parameters with fp32 master weights in the optimizer, so fp32 params are
+    refused. Blockwise scaling on Hopper needs ``NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1``
+    (REFERENCE.md §5), set here unless the user set it."""
+    if opts.fp8 is None:
+        return {}
+    if opts.fp8 not in FP8_FORMATS or opts.fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"precision.fp8={opts.fp8!r} / fp8_recipe={opts.fp8_recipe!r}: allowed "
+                         f"formats {FP8_FORMATS}, recipes {FP8_RECIPES}")
+    if not te_available():
+        raise ValueError(
+            f"precision.fp8={opts.fp8!r} needs Transformer-Engine on a CUDA GPU (Hopper or "
+            "newer): install the 'gpu' extra in the CUDA image, or set precision.fp8=null"
+        )
+    if opts.params_dtype != torch.bfloat16:
+        raise ValueError("precision.fp8 trains bf16 parameters (fp32 master weights in the "
+                         "optimizer): set precision.params_dtype=bf16")
+    if opts.fp8_recipe == "blockwise":
+        import os
+
+        os.environ.setdefault("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", "1")
+    return {"fp8": opts.fp8, "fp8_recipe": opts.fp8_recipe}
 
 
 def _validate_layout(hf_config, opts: BuildOptions, heads: int, groups: int, is_moe: bool) -> None:

@@ -71,3 +71,39 @@ def test_trainer_refuses_context_parallel_until_wired():
 
     with pytest.raises(ValueError, match="context parallel training is not wired"):
         Trainer(load_config(TINY, ["parallel.cp=2"]))
+
+
+def test_fp8_settings_are_validated_and_wired(monkeypatch):
+    """FP8 cannot run here (TransformerConfig checks the TE version), so the fields it would get
+    are tested directly: refused without TE, refused with fp32 params, wired otherwise."""
+    import os
+
+    import torch
+
+    from gmpo_megatron.megatron import model_builder as mb
+
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(mb, "te_available", lambda: False)
+    with pytest.raises(ValueError, match="install the 'gpu' extra"):
+        mb.fp8_settings(mb.BuildOptions(fp8="e4m3", params_dtype=bf16))
+    monkeypatch.setattr(mb, "te_available", lambda: True)
+    with pytest.raises(ValueError, match="params_dtype=bf16"):
+        mb.fp8_settings(mb.BuildOptions(fp8="e4m3"))
+    monkeypatch.delenv("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", raising=False)
+    assert mb.fp8_settings(mb.BuildOptions(fp8="e4m3", fp8_recipe="blockwise", params_dtype=bf16)) == {
+        "fp8": "e4m3", "fp8_recipe": "blockwise"}
+    assert os.environ["NVTE_FP8_BLOCK_SCALING_FP32_SCALES"] == "1"
+    assert mb.fp8_settings(mb.BuildOptions(fp8="hybrid", fp8_recipe="delayed", params_dtype=bf16)) == {
+        "fp8": "hybrid", "fp8_recipe": "delayed"}
+    assert mb.fp8_settings(mb.BuildOptions()) == {}
+
+
+def test_fp8_on_cpu_is_refused_by_the_trainer(tmp_path):
+    import torch
+
+    from gmpo_megatron.trainer import Trainer
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU refusal")
+    with pytest.raises(ValueError, match="precision.fp8='e4m3' needs Transformer-Engine"):
+        Trainer(load_config(TINY, ["precision.fp8=e4m3", "precision.params_dtype=bf16", f"output_dir={tmp_path}"]))

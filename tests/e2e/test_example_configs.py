@@ -111,8 +111,10 @@ def check_layout(cfg: Config, world: int) -> dict[str, int]:
     assert mini_batch % dp == 0, f"mini-batch {mini_batch} over dp {dp}"
     sequence = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     assert sequence <= hf.max_position_embeddings, f"{sequence} tokens > max_position_embeddings"
-    assert cfg.train.packing, "full-size configs pack sequences (train.packing)"
-    assert sequence <= cfg.train.max_tokens_per_microbatch <= MAX_TOKENS_PER_MICRO_BATCH, "token budget"
+    # GPU configs use padded micro-batches: packing is verified on the local spec only
+    assert not cfg.train.packing, "full-size (Transformer-Engine) configs must set train.packing=false"
+    assert mini_batch // dp >= cfg.train.micro_batch_size, "micro-batch larger than a DP share"
+    assert cfg.train.micro_batch_size * sequence <= MAX_TOKENS_PER_MICRO_BATCH, "tokens per micro"
     return {"dp": dp, "expert_dp": world // (etp * p.ep * p.pp), "mini_batch": mini_batch}
 
 
