@@ -23,6 +23,8 @@ HERE = Path(__file__).resolve().parent
 # patch file -> (distribution, version, a line that is present once the patch is applied)
 PATCHES = {
     "megatron-core-0.16.1-te_general_gemm.patch": ("megatron-core", "0.16.1", "    te_general_gemm = None"),
+    "megatron-core-0.16.1-torch-adam-step-restore.patch": (
+        "megatron-core", "0.16.1", 'if key == "step" and key not in tensors:'),
 }
 
 
