@@ -209,11 +209,38 @@ def _stage_tensors(model_chunks) -> Iterator[tuple[str, torch.Tensor]]:
             yield _EXPERT.sub(f".local_experts.{ep_rank * local_experts + own}.", info.global_name), piece
 
 
+def _stage_metadata(model_chunks) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(global name, full shape, dtype) of every tensor ``_stage_tensors`` yields, in its order,
+    computed from local shapes (no communication, no gathering)."""
+    from megatron.core import parallel_state as ps
+
+    ep = ps.get_expert_model_parallel_world_size()
+    meta = []
+    for live_name, param, chunk in _live_params(model_chunks):
+        info = shard_info(live_name, param, chunk)
+        if info is None:
+            continue
+        shape = list(param.shape)
+        if info.tp_dim is not None:
+            shape[info.tp_dim] *= dist.get_world_size(_tp_group(info))
+        if not info.is_expert or ep == 1:
+            meta.append((info.global_name, tuple(shape), param.dtype))
+            continue
+        local_experts = unwrap(chunk).config.num_moe_experts // ep
+        own = int(_EXPERT.search(info.global_name).group(1)) % local_experts
+        for ep_rank in range(ep):
+            name = _EXPERT.sub(f".local_experts.{ep_rank * local_experts + own}.", info.global_name)
+            meta.append((name, tuple(shape), param.dtype))
+    return meta
+
+
 @torch.no_grad()
 def iter_full_megatron_weights(model_chunks) -> Iterator[tuple[str, torch.Tensor]]:
-    """(global canonical name, full tensor) for the whole model, yielded on every rank of the
-    pipeline group of global rank 0's data/tensor coordinates... in practice: call it on all ranks;
-    tensors are complete on the first rank of every pipeline group."""
+    """(global canonical name, full tensor) for the whole model. Collective: call it on every
+    rank; every rank receives every tensor (PP stages broadcast theirs over the pipeline group).
+
+    Streaming: one gathered tensor group (a parameter, or one local expert's EP gather) is held at
+    a time; each stage announces its tensor list once, from local shapes."""
     from megatron.core import parallel_state as ps
 
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -224,16 +251,19 @@ def iter_full_megatron_weights(model_chunks) -> Iterator[tuple[str, torch.Tensor
     pp_rank = ps.get_pipeline_model_parallel_rank()
     ranks = dist.get_process_group_ranks(pp_group)
     for stage in range(pp):
-        if stage == pp_rank:
-            local = list(_stage_tensors(model_chunks))
-            meta = [(n, tuple(t.shape), t.dtype) for n, t in local]
-        else:
-            local, meta = None, None
-        box = [meta]
+        own = stage == pp_rank
+        box = [_stage_metadata(model_chunks) if own else None]
         dist.broadcast_object_list(box, src=ranks[stage], group=pp_group)
-        for index, (name, shape, dtype) in enumerate(box[0]):
-            tensor = local[index][1].contiguous() if local is not None else torch.empty(
-                shape, dtype=dtype, device=_device())
+        local = _stage_tensors(model_chunks) if own else None
+        for name, shape, dtype in box[0]:
+            if own:
+                local_name, tensor = next(local)
+                if local_name != name or tuple(tensor.shape) != shape:
+                    raise RuntimeError(f"stage tensor {local_name} {tuple(tensor.shape)} does not match "
+                                       f"its announced {name} {shape}")
+                tensor = tensor.contiguous()
+            else:
+                tensor = torch.empty(shape, dtype=dtype, device=_device())
             dist.broadcast(tensor, src=ranks[stage], group=pp_group)
             yield name, tensor
 

@@ -49,8 +49,11 @@ def test_short_run_writes_everything(tmp_path):
     assert [r["step"] for r in rows] == [0, 1]
     for row in rows:
         assert REQUIRED_KEYS <= set(row), REQUIRED_KEYS - set(row)
-    # first update of a step: the recomputed old log-prob equals the current one exactly
-    assert rows[0]["log_ratio_max"] >= 0.0 >= rows[0]["log_ratio_min"]
+    # Step 0 starts from the policy that generated the rollouts, and its rewards are all 0 here
+    # (zero advantages: Adam moves nothing), so its log-ratios are only the float rounding between
+    # the differently batched old-log-prob and update passes.
+    assert rows[0]["grad_norm"] == 0.0
+    assert max(-rows[0]["log_ratio_min"], rows[0]["log_ratio_max"]) <= 1e-5
     assert (out / "config.yaml").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
