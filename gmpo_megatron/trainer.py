@@ -10,20 +10,18 @@ exactly where the interrupted one would have gone.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from gmpo_megatron.algo.advantages import compute_advantages, dynamic_sampling_filter
 from gmpo_megatron.algo.metrics import Metrics
-from gmpo_megatron.algo.policy_loss import loss_normalizer_kind
+from gmpo_megatron import components
 from gmpo_megatron.config import Config
 from gmpo_megatron.megatron import checkpoint as ckpt
 from gmpo_megatron.megatron.micro_batches import (
@@ -34,11 +32,8 @@ from gmpo_megatron.megatron.micro_batches import (
     plan_packed_micro_batches,
     split_evenly,
 )
-from gmpo_megatron.megatron.train_step import LossSettings, compute_old_log_probs, train_on_batches
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+from gmpo_megatron.megatron.train_step import compute_old_log_probs, train_on_batches
+from gmpo_megatron.megatron.weights import load_hf_weights
 
 
 def rollout_seed(seed: int, step: int) -> int:
@@ -82,15 +77,15 @@ class Trainer:
                                f"model.hf_checkpoint ({cfg.model.hf_checkpoint})",
                                f"model.hf_config ({cfg.model.hf_config})")
         self.mapping = get_mapping(self.hf_config)
-        self.tokenizer = self._load_tokenizer()
-        self.dataset = self._load_dataset()
-        self.reward_fn = self._reward_fn()
-        self.loss_settings = self._loss_settings()
+        self.tokenizer = components.load_tokenizer(cfg, self.hf_config)
+        self.dataset = components.load_dataset(cfg, self.tokenizer, self.output_dir, self.rank)
+        self.reward_fn = components.reward_fn(cfg)
+        self.loss_settings = components.loss_settings(cfg)
 
         opts = BuildOptions(
             tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp, sequence_parallel=p.sequence_parallel,
             pp_first_stage_layers=p.pp_first_stage_layers, pp_last_stage_layers=p.pp_last_stage_layers,
-            params_dtype=_dtype(cfg.precision.params_dtype), fp8=cfg.precision.fp8,
+            params_dtype=components.DTYPES[cfg.precision.params_dtype], fp8=cfg.precision.fp8,
             fp8_recipe=cfg.precision.fp8_recipe, moe_dispatcher=p.moe_dispatcher,
             moe_aux_loss_coeff=cfg.moe.aux_loss_coeff, moe_z_loss_coeff=cfg.moe.z_loss_coeff,
             moe_router_dtype=cfg.moe.router_dtype,
@@ -107,7 +102,7 @@ class Trainer:
         model = build_model(self.hf_config, opts)
         if torch.cuda.is_available():
             model = model.cuda()
-        self._load_initial_weights(model)
+        load_hf_weights(model, self.mapping, components.initial_hf_state(cfg, self.hf_config, self.mapping))
         self.model = wrap_ddp(model, p.distributed_optimizer)
         t = cfg.train
         self.optimizer, self.scheduler = build_optimizer(self.model, OptimSettings(
@@ -131,110 +126,11 @@ class Trainer:
         self.weight_version = 0
         if resume:
             self._resume()
-        self.engine = self._build_engine() if self.rank == 0 else None
+        self.engine = (components.rollout_engine(cfg, self.hf_config, self.tokenizer, self.device)
+                       if self.rank == 0 else None)
         self.sync_weights()
 
     # -- set-up pieces ------------------------------------------------------------------------
-    def _load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        from gmpo_megatron.data.tokenizer import build_task_tokenizer
-
-        if self.cfg.model.tokenizer == "task":
-            tokenizer = build_task_tokenizer()
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.tokenizer, local_files_only=True)
-        if len(tokenizer) > self.hf_config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                f"{self.hf_config.vocab_size}: use a matching model.tokenizer / model.hf_config"
-            )
-        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer needs eos and pad tokens (the rollout stops at eos)")
-        return tokenizer
-
-    def _load_dataset(self):
-        from gmpo_megatron.data.dataset import load_prompt_dataset
-        from gmpo_megatron.data.tasks import write_task_parquet
-
-        d = self.cfg.data
-        files = list(d.train_files)
-        if not files:
-            path = self.output_dir / "data" / f"{d.task}_seed{self.cfg.seed}.parquet"
-            if self.rank == 0 and not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_task_parquet(d.task, str(path), d.num_rows, self.cfg.seed, **d.task_options)
-            if dist.is_initialized():
-                dist.barrier()
-            files = [str(path)]
-        return load_prompt_dataset(files, tokenizer=self.tokenizer, max_prompt_length=d.max_prompt_length,
-                                   prompt_key=d.prompt_key, answer_key=d.answer_key)
-
-    def _reward_fn(self):
-        from gmpo_megatron.rewards import get_reward_fn
-
-        name = self.cfg.reward.fn or self.cfg.data.task
-        if name is None:
-            raise ValueError("reward.fn is required with data.train_files (e.g. reward.fn=math)")
-        return get_reward_fn(name)
-
-    def _loss_settings(self) -> LossSettings:
-        a = self.cfg.algorithm
-        options: dict[str, Any] = {}
-        if a.clip_eps_low is not None:
-            options["clip_eps_low"] = a.clip_eps_low
-        if a.clip_eps_high is not None:
-            options["clip_eps_high"] = a.clip_eps_high
-        if a.clip_level is not None:
-            options["clip_level"] = a.clip_level
-        if a.length_norm is not None:
-            options["length_norm"] = a.length_norm
-        if a.loss == "dr_grpo":
-            options["max_response_length"] = a.max_response_length or self.cfg.rollout.max_new_tokens
-        elif a.max_response_length is not None:
-            raise ValueError("algorithm.max_response_length is dr_grpo's normaliser; remove it or "
-                             "set algorithm.loss=dr_grpo")
-        if a.tis_level is not None:
-            options.update(tis_level=a.tis_level, tis_cap=a.tis_cap)
-        loss_normalizer_kind(a.loss, **options)  # validates the option combination up front
-        # temperature 0 is greedy sampling; its log-probs are those of softmax(logits), i.e. T = 1
-        return LossSettings(a.loss, options, self.cfg.rollout.temperature or 1.0, a.entropy_coef)
-
-    def _initial_hf_state(self):
-        """A reader of HF tensors: the configured checkpoint, or a seeded random init (identical on
-        every rank and at every layout, because it is made in HF space before sharding)."""
-        if self.cfg.model.hf_checkpoint:
-            from gmpo_megatron.convert.hf_io import open_hf_checkpoint
-            from gmpo_megatron.convert.validate import check_hf_config, check_hf_tensors
-
-            # The same refusals as the converter: a config it cannot reproduce exactly, or a
-            # missing / unexpected / wrongly shaped tensor, stops the run before any step.
-            check_hf_config(self.hf_config)
-            checkpoint = open_hf_checkpoint(self.cfg.model.hf_checkpoint)
-            check_hf_tensors(checkpoint, self.mapping)
-            return checkpoint.read
-        from transformers import AutoModelForCausalLM
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed)
-            hf_model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
-        state = _checkpoint_layout_state(hf_model, self.mapping)
-        return state.__getitem__
-
-    def _load_initial_weights(self, model) -> None:
-        from gmpo_megatron.megatron.weights import load_hf_weights
-
-        load_hf_weights(model, self.mapping, self._initial_hf_state())
-
-    def _build_engine(self):
-        from gmpo_megatron.rollout.embedded import EmbeddedEngine
-
-        return EmbeddedEngine(
-            self.hf_config, device=self.device, dtype=_dtype(self.cfg.precision.params_dtype),
-            pad_token_id=self.tokenizer.pad_token_id, max_batch_size=self.cfg.rollout.max_batch_size,
-            init_seed=self.cfg.seed,
-        )
-
     # -- weight sync ----------------------------------------------------------------------------
     def sync_weights(self) -> float:
         """Megatron shards -> full HF tensors -> engine (collective; the engine lives on rank 0)."""
@@ -255,10 +151,11 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------
     def _rollout(self, step: int) -> tuple[list[Sample], dict[str, float]]:
-        from gmpo_megatron.rewards import score_batch
+        """Global rank 0 samples and scores the step's batch, then broadcasts it to every rank."""
+        from gmpo_megatron.rollout.collect import collect_rollouts
         from gmpo_megatron.rollout.engine import SamplingParams
 
-        r = self.cfg.rollout
+        r, a = self.cfg.rollout, self.cfg.algorithm
         batch = next(self.dataset.batches(r.prompts_per_step, self.cfg.seed, self.data_position))
         self.data_position = batch.end_position
         payload = None
@@ -266,26 +163,18 @@ class Trainer:
             sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                       max_new_tokens=r.max_new_tokens,
                                       stop_token_ids=(self.tokenizer.eos_token_id,))
-            rollouts = self.engine.generate(batch.prompt_ids, sampling, seed=rollout_seed(self.cfg.seed, step))
-            texts = [self.tokenizer.decode(o.response_ids, skip_special_tokens=True) for o in rollouts]
-            truths = [batch.ground_truths[o.prompt_index] for o in rollouts]
-            extras = [batch.extra_infos[o.prompt_index] for o in rollouts]
-            rewards = torch.tensor(score_batch(self.reward_fn, texts, truths, extras), dtype=torch.float64)
-            groups = torch.tensor([o.prompt_index for o in rollouts])
-            a = self.cfg.algorithm
-            advantages = compute_advantages(a.advantage, rewards, groups)
-            keep, dropped = dynamic_sampling_filter(rewards, groups)
-            num_groups = len(batch.prompt_ids)
-            stats = {
-                "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
-                "response_len_mean": sum(len(o.response_ids) for o in rollouts) / len(rollouts),
-                "finish_stop_frac": sum(o.finish_reason == "stop" for o in rollouts) / len(rollouts),
-                "all_equal_reward_groups": float(dropped), "num_groups": float(num_groups),
-            }
+            scored = collect_rollouts(self.engine, self.tokenizer, batch.prompt_ids, batch.ground_truths,
+                                      batch.extra_infos, sampling, self.reward_fn,
+                                      seed=rollout_seed(self.cfg.seed, step))
+            advantages = compute_advantages(a.advantage, scored.rewards, scored.groups)
+            keep, dropped = dynamic_sampling_filter(scored.rewards, scored.groups)
+            stats = dict(scored.stats(), all_equal_reward_groups=float(dropped),
+                         num_groups=float(len(batch.prompt_ids)))
             samples = [
                 Sample(o.prompt_ids, o.response_ids, list(o.response_log_probs), float(rw), float(ad),
                        o.prompt_index, o.finish_reason)
-                for o, rw, ad, k in zip(rollouts, rewards.tolist(), advantages.tolist(), keep.tolist())
+                for o, rw, ad, k in zip(scored.rollouts, scored.rewards.tolist(), advantages.tolist(),
+                                        keep.tolist())
                 if k or not a.dynamic_sampling
             ]
             payload = (samples, stats)
@@ -407,50 +296,24 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
+        from gmpo_megatron.run_log import RunLog
+
         cfg = self.cfg
-        writer = progress = None
-        metrics_path = self.output_dir / "metrics.jsonl"
-        if self.rank == 0:
-            (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
-            # The HF side of the run (config + tokenizer): what `gmpo-convert megatron-to-hf
-            # --hf-config-dir <output_dir>/hf` needs to export any checkpoint of this run.
-            self.hf_config.save_pretrained(str(self.output_dir / "hf"))
-            self.tokenizer.save_pretrained(str(self.output_dir / "hf"))
-            if cfg.logging.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-            if cfg.logging.progress_bar:
-                from tqdm import tqdm
-
-                progress = tqdm(total=cfg.train.steps, initial=self.step, desc="gmpo", dynamic_ncols=True)
+        run_log = RunLog(self.output_dir, cfg, self.hf_config, self.tokenizer, start_step=self.step,
+                         enabled=self.rank == 0)
         rows = []
         try:
             while self.step < cfg.train.steps:
                 row = self.train_step(self.step)
+                _check_finite(row)  # every rank holds the row: all stop together, none hangs
                 self.step += 1
                 rows.append(row)
-                if self.rank == 0:
-                    _check_finite(row)
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    if writer is not None:
-                        for key, value in row.items():
-                            if isinstance(value, (int, float)) and math.isfinite(value):
-                                writer.add_scalar(key, value, row["step"])
-                    if progress is not None:
-                        progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
-                                             loss=f"{row.get('loss', float('nan')):.4f}",
-                                             step_s=f"{row['time_step_s']:.2f}")
-                        progress.update(1)
+                run_log.log(row)
                 interval = cfg.train.save_interval
                 if (interval and self.step % interval == 0) or self.step == cfg.train.steps:
                     self.save()
         finally:
-            if progress is not None:
-                progress.close()
-            if writer is not None:
-                writer.close()
+            run_log.close()
         return rows
 
     def close(self) -> None:
@@ -469,17 +332,6 @@ def _check_finite(row: dict[str, float]) -> None:
                 f"step {row['step']}: {key} is {value}; the last finished checkpoint is kept intact. "
                 "Lower train.lr or check the reward function"
             )
-
-
-def _checkpoint_layout_state(hf_model, mapping) -> dict[str, torch.Tensor]:
-    """An HF model's tensors under checkpoint names (transformers 5 fuses experts in memory)."""
-    from gmpo_megatron.rollout.embedded import checkpoint_state_dict
-
-    state = checkpoint_state_dict(hf_model)
-    missing = [n for n in mapping.hf_names() if n not in state]
-    if missing:
-        raise KeyError(f"random-init HF model lacks {missing[:5]} ... ({len(missing)} tensors)")
-    return state
 
 
 def run(cfg: Config, resume: bool = False) -> list[dict[str, float]]:

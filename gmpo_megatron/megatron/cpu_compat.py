@@ -2,8 +2,8 @@
 
 Megatron-Core assumes CUDA in a few dozen places (REFERENCE.md §2 lists them). This module is the
 one place that bridges them, and it does so only when ``torch.cuda.is_available()`` is False: on a
-GPU machine ``apply()`` changes nothing except the upstream ``te_general_gemm`` bug fix, which is
-needed whenever Transformer-Engine is absent (see patches/README.md).
+GPU machine ``apply()`` applies only the upstream bug fixes (``upstream_fixes.py``), which are
+needed whenever Transformer-Engine / Apex are absent (see patches/README.md).
 
 Three mechanisms, each narrow:
 
@@ -13,9 +13,9 @@ Three mechanisms, each narrow:
    and ``torch.distributed`` adapts two collectives that gloo lacks (split sizes as plain lists for
    ``all_to_all_single``; uneven ``all_gather`` by pad-gather-trim). Code outside Megatron never sees
    the proxy.
-2. Checked source rewrites of the few functions that compare ``tensor.type()`` with
-   ``'torch.cuda.FloatTensor'`` or call ``.cuda()``: each rewrite asserts that the text it replaces is
-   present, so a megatron-core upgrade fails loudly here instead of silently running unpatched code.
+2. Checked source rewrites (``source_rewrite.py``) of the few functions that compare
+   ``tensor.type()`` with ``'torch.cuda.FloatTensor'`` or call ``.cuda()``: each rewrite asserts
+   that the text it replaces is present, so a megatron-core upgrade fails loudly here.
 3. The RNG tracker reads and writes the CPU generator state.
 
 The norm that refuses sequence parallelism (``WrappedTorchNorm``) is not patched: our layer spec uses
@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import sys
-import textwrap
 import types
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-SUPPORTED_MEGATRON_VERSION = "0.16.1"
+from gmpo_megatron.megatron.source_rewrite import SUPPORTED_MEGATRON_VERSION, rewrite_function
+from gmpo_megatron.megatron.upstream_fixes import apply_upstream_fixes
 
 _applied = False
 
@@ -318,55 +317,8 @@ def _install_proxy() -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Checked source rewrites
+# 2. Checked source rewrites (gmpo_megatron.megatron.source_rewrite)
 # --------------------------------------------------------------------------------------------
-
-
-def _resolve(module_name: str, qualname: str):
-    module = importlib.import_module(module_name)
-    owner: Any = module
-    parts = qualname.split(".")
-    for part in parts[:-1]:
-        owner = getattr(owner, part)
-    return module, owner, parts[-1]
-
-
-def rewrite_function(module_name: str, qualname: str, replacements: list[tuple[str, str]]) -> None:
-    """Recompile ``module_name.qualname`` with textual replacements, in the module's globals.
-
-    Raises RuntimeError when a replaced text is missing: the installed megatron-core is not the
-    version this layer was written for, and running the unpatched function would fail on CPU in a
-    less clear way.
-    """
-    module, owner, name = _resolve(module_name, qualname)
-    raw = inspect.getattr_static(owner, name)
-    func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
-    source = textwrap.dedent(inspect.getsource(func))
-    for old, new in replacements:
-        if old not in source:
-            raise RuntimeError(
-                f"gmpo_megatron CPU compatibility: expected {old!r} in {module_name}.{qualname}; "
-                f"this layer supports megatron-core=={SUPPORTED_MEGATRON_VERSION}. Install that "
-                "version or run on a CUDA machine."
-            )
-        source = source.replace(old, new)
-    # Compile inside a factory taking `__class__` so that zero-argument super() keeps working.
-    factory_src = "def __gmpo_factory(__class__):\n" + textwrap.indent(source, "    ")
-    factory_src += f"\n    return {name}\n"
-    namespace: dict[str, Any] = {}
-    code = compile(factory_src, f"<gmpo cpu_compat: {module_name}.{qualname}>", "exec")
-    exec(code, module.__dict__, namespace)  # noqa: S102 - recompiling megatron's own source
-    new = namespace["__gmpo_factory"](owner if inspect.isclass(owner) else None)
-    if isinstance(raw, staticmethod) and not isinstance(new, staticmethod):
-        new = staticmethod(new)
-    elif isinstance(raw, classmethod) and not isinstance(new, classmethod):
-        new = classmethod(new)
-    setattr(owner, name, new)
-    if not inspect.isclass(owner):  # rebind `from module import func` copies in other modules
-        for other in list(sys.modules.values()):
-            if other is not None and getattr(other, "__name__", "").startswith("megatron.core"):
-                if other.__dict__.get(name) is raw:
-                    setattr(other, name, new)
 
 
 def _apply_source_rewrites() -> None:
@@ -392,57 +344,6 @@ def _patch_rng() -> None:
     mrandom._set_cuda_rng_state = _set_rng_state
 
 
-# --------------------------------------------------------------------------------------------
-# Upstream bug, on every machine without Transformer-Engine (patches/README.md)
-# --------------------------------------------------------------------------------------------
-
-
-def fix_te_general_gemm() -> bool:
-    """megatron-core 0.16.1 ``moe_utils`` only defines ``te_general_gemm`` when TE imports, but the
-    router's gating function reads it unconditionally: NameError in every MoE forward without TE.
-    Define it as None (what the upstream fix does) unless the patch file was already applied.
-    Returns True when this call had to define it."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if "te_general_gemm" in moe_utils.__dict__:
-        return False
-    moe_utils.te_general_gemm = None
-    return True
-
-
-_ADAM_STEP_FIX = [(
-    # (text as in the dedented method source)
-    """        for key in dst_tensors:
-            dst_tensors[key].copy_(tensors[key])""",
-    """        for key in dst_tensors:
-            if key == "step" and key not in tensors:
-                continue  # torch Adam's step is restored from param_groups, not per tensor
-            dst_tensors[key].copy_(tensors[key])""",
-)]
-
-
-def fix_torch_adam_step_restore() -> bool:
-    """megatron-core 0.16.1 bug without Apex/TE (torch Adam): loading a DistributedOptimizer
-    checkpoint copies every optimizer-state key of a parameter from the checkpoint's tensors,
-    including ``step``, which the checkpoint never holds per tensor: ``KeyError: 'step'`` on every
-    resume. Skip ``step`` there (it is restored from param_groups). patches/README.md has the file.
-    Returns True when this call applied the fix."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    target = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
-    if distrib_optimizer.HAVE_APEX_OR_TE or target.__code__.co_filename.startswith("<gmpo"):
-        return False
-    import linecache  # the patch file may already be applied: then the text is not there
-
-    source = inspect.getsource(target)
-    linecache.checkcache()
-    if 'key == "step" and key not in tensors' in source:
-        return False
-    rewrite_function("megatron.core.optimizer.distrib_optimizer",
-                     "DistributedOptimizer._set_main_param_and_optimizer_states", _ADAM_STEP_FIX)
-    return True
-
-
 def apply() -> bool:
     """Make megatron-core usable on this machine; idempotent, cheap to call again.
 
@@ -461,8 +362,7 @@ def apply() -> bool:
         )
     for name in _MEGATRON_MODULES:
         importlib.import_module(name)
-    fix_te_general_gemm()
-    fix_torch_adam_step_restore()
+    apply_upstream_fixes()
     if not cuda_absent():
         return False
     _install_proxy()

@@ -68,8 +68,22 @@ def test_rewrite_refuses_unknown_source():
 def test_te_general_gemm_defined_without_te(megatron_single_process):
     from megatron.core.transformer.moe import moe_utils
 
+    from gmpo_megatron.megatron import upstream_fixes
+
     assert "te_general_gemm" in moe_utils.__dict__
-    assert cpu_compat.fix_te_general_gemm() is False  # already fixed: nothing to do
+    assert upstream_fixes.fix_te_general_gemm() is False  # already fixed: nothing to do
+
+
+def test_torch_adam_step_restore_fix_is_in_place(megatron_single_process):
+    from megatron.core.optimizer import distrib_optimizer
+
+    from gmpo_megatron.megatron import upstream_fixes
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        pytest.skip("the bug only exists on the torch-Adam path (no Apex / TE)")
+    target = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+    assert target.__code__.co_filename.startswith("<gmpo")
+    assert upstream_fixes.fix_torch_adam_step_restore() is False  # idempotent
 
 
 def test_gloo_adapter_split_sizes_become_lists():

@@ -13,7 +13,7 @@ from gmpo_megatron.megatron.model_builder import BuildOptions, build_model
 from gmpo_megatron.megatron.weights import iter_hf_weights, load_hf_weights
 from gmpo_megatron.models import get_mapping
 from gmpo_megatron.models.presets import tiny_qwen3_moe
-from gmpo_megatron.trainer import _checkpoint_layout_state
+from gmpo_megatron.components import checkpoint_layout_state
 
 CONFIGS = {
     "qwen3_moe": lambda: tiny_qwen3_moe(hidden_size=48, head_dim=20, num_experts=6, moe_intermediate_size=36,
@@ -36,7 +36,7 @@ def test_megatron_to_hf_logits_match(arch, megatron_single_process):
         for name, param in source.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.2)
-    state = _checkpoint_layout_state(source, get_mapping(config))
+    state = checkpoint_layout_state(source, get_mapping(config))
     mapping = get_mapping(config)
     model = build_model(config, BuildOptions())
     load_hf_weights(model, mapping, state.__getitem__)
@@ -47,7 +47,7 @@ def test_megatron_to_hf_logits_match(arch, megatron_single_process):
         assert torch.equal(exported[name], tensor), name
 
     target = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    target_state = _checkpoint_layout_state(target, mapping)
+    target_state = checkpoint_layout_state(target, mapping)
     assert set(target_state) == set(exported)
     from gmpo_megatron.rollout.embedded import EmbeddedEngine
 

@@ -81,12 +81,12 @@ def test_packed_equals_padded_log_probs_and_gradients(megatron_single_process):
     from gmpo_megatron.megatron.weights import load_hf_weights
     from gmpo_megatron.models import get_mapping
     from gmpo_megatron.models.presets import tiny_qwen3_moe
-    from gmpo_megatron.trainer import _checkpoint_layout_state
+    from gmpo_megatron.components import checkpoint_layout_state
     from transformers import AutoModelForCausalLM
 
     config = tiny_qwen3_moe()
     torch.manual_seed(3)
-    state = _checkpoint_layout_state(AutoModelForCausalLM.from_config(config), get_mapping(config))
+    state = checkpoint_layout_state(AutoModelForCausalLM.from_config(config), get_mapping(config))
     model = build_model(config, BuildOptions())
     load_hf_weights(model, get_mapping(config), state.__getitem__)
     samples = random_samples(9, 4)
