@@ -231,3 +231,24 @@ def test_routing_replay_r2_matches_single_process(tmp_path, layout, single_proce
         assert abs(ra["loss"] - rb["loss"]) <= 1e-6
         assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-5 * max(1.0, abs(ra["grad_norm"]))
         assert ra["moe_load_max_layer0"] == rb["moe_load_max_layer0"]
+
+
+@pytest.mark.slow
+def test_uneven_pipeline_stages_match_single_process(tmp_path):
+    """PP2 with a 1-layer first stage and a 2-layer last stage (how 94 layers are split) on a
+    3-layer tiny MoE written as a local HF config dir: same loss, grad norm and weights."""
+    from gmpo_megatron.models.presets import tiny_qwen3_moe
+
+    tiny_qwen3_moe(num_hidden_layers=3).save_pretrained(str(tmp_path / "three_layers"))
+    model = [f"model.hf_config={tmp_path / 'three_layers'}", "train.steps=2", *LAYOUT_LR]
+    single = run_train(tmp_path / "single", *model)
+    assert single.returncode == 0, single.stderr[-3000:]
+    uneven = run_train(tmp_path / "uneven", *model, "parallel.pp=2", "parallel.pp_first_stage_layers=1",
+                       nproc=2)
+    assert uneven.returncode == 0, uneven.stderr[-5000:]
+    for ra, rb in zip(metrics(tmp_path / "single"), metrics(tmp_path / "uneven")):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6
+        assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-5 * max(1.0, abs(ra["grad_norm"]))
+    a, b = export_hf(tmp_path / "single", tmp_path / "hf_a"), export_hf(tmp_path / "uneven", tmp_path / "hf_b")
+    assert set(a) == set(b)
+    assert all((a[k] - b[k]).abs().max().item() <= 1e-5 for k in a)
