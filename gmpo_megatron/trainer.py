@@ -64,6 +64,12 @@ class Trainer:
         self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                        else torch.device("cpu"))
         self.output_dir = Path(cfg.output_dir)
+        if not resume and ((self.output_dir / "metrics.jsonl").exists()
+                           or ckpt.latest_checkpoint(self.output_dir / "checkpoints") is not None):
+            raise FileExistsError(
+                f"output_dir {str(self.output_dir)!r} already holds a run (metrics.jsonl or "
+                "checkpoints): continue it with --resume, or choose another output_dir"
+            )
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         random.seed(cfg.seed)

@@ -252,3 +252,10 @@ def test_uneven_pipeline_stages_match_single_process(tmp_path):
     a, b = export_hf(tmp_path / "single", tmp_path / "hf_a"), export_hf(tmp_path / "uneven", tmp_path / "hf_b")
     assert set(a) == set(b)
     assert all((a[k] - b[k]).abs().max().item() <= 1e-5 for k in a)
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path):
+    assert run_train(tmp_path / "run", "train.steps=1").returncode == 0
+    again = run_train(tmp_path / "run", "train.steps=1")
+    assert again.returncode != 0
+    assert "already holds a run" in again.stderr and "--resume" in again.stderr
