@@ -167,6 +167,12 @@ class Config(_Section):
                 f"algorithm.clip_level / algorithm.length_norm are GMPO options (paper Table 4) "
                 f"but algorithm.loss={alg.loss!r}: remove them or set algorithm.loss=gmpo"
             )
+        if self.train.min_lr > 0 and self.train.lr_schedule == "constant":
+            raise ValueError(f"train.min_lr={self.train.min_lr} has no effect with "
+                             "train.lr_schedule=constant: set lr_schedule=cosine|linear or drop min_lr")
+        if "tis_cap" in alg.model_fields_set and alg.tis_level is None:
+            raise ValueError("algorithm.tis_cap is set but algorithm.tis_level is not: set "
+                             "tis_level=token|sequence|geometric, or drop tis_cap")
         longest = self.data.max_prompt_length + self.rollout.max_new_tokens
         if self.train.packing and self.train.max_tokens_per_microbatch < longest:
             raise ValueError(

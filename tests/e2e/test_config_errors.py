@@ -107,3 +107,12 @@ def test_fp8_on_cpu_is_refused_by_the_trainer(tmp_path):
         pytest.skip("CPU refusal")
     with pytest.raises(ValueError, match="precision.fp8='e4m3' needs Transformer-Engine"):
         Trainer(load_config(TINY, ["precision.fp8=e4m3", "precision.params_dtype=bf16", f"output_dir={tmp_path}"]))
+
+
+def test_options_that_would_do_nothing_are_refused():
+    with pytest.raises(ConfigError, match="min_lr=0.0001 has no effect"):
+        load_config(TINY, ["train.min_lr=1e-4"])
+    assert load_config(TINY, ["train.min_lr=1e-4", "train.lr_schedule=cosine"]).train.min_lr == 1e-4
+    with pytest.raises(ConfigError, match="tis_cap is set but algorithm.tis_level is not"):
+        load_config(TINY, ["algorithm.tis_cap=3"])
+    assert load_config(TINY, ["algorithm.tis_cap=3", "algorithm.tis_level=geometric"]).algorithm.tis_cap == 3
