@@ -34,24 +34,28 @@ class LossSettings:
     entropy_coef: float
 
 
+def _tp_group():
+    """The tensor-parallel group, None at TP1 (vocab-parallel log-probs, sequence-parallel routes)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
 def _log_probs_of(output: torch.Tensor, batch: MicroBatch, temperature: float, with_entropy: bool):
     """Log-probs (and entropy) of the response tokens, ``[B, R]``, from the model output
     ``[b, S, V/TP]``: only the rows that predict a response token are gathered (padded or packed
     layout alike), so prompt and padding positions cost no log-softmax."""
-    from megatron.core import parallel_state as ps
-
-    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
     flat = output.reshape(-1, output.shape[-1])
     logits = flat.index_select(0, batch.logit_index.reshape(-1))
     log_prob, entropy = token_log_probs(
-        logits, batch.targets.reshape(-1), tp_group=tp_group, temperature=temperature,
+        logits, batch.targets.reshape(-1), tp_group=_tp_group(), temperature=temperature,
         with_entropy=with_entropy,
     )
     shape = batch.targets.shape
     return log_prob.view(shape), (entropy.view(shape) if entropy is not None else None)
 
 
-def _policy_loss_func(batch: MicroBatch, settings: LossSettings, output: torch.Tensor):
+def _policy_loss_func(settings: LossSettings, batch: MicroBatch, output: torch.Tensor):
     log_prob, entropy = _log_probs_of(output, batch, settings.temperature, True)
     # rollout_log_prob always goes in: policy_loss reports |old - rollout| (the train / rollout
     # mismatch) and applies truncated IS only when the options ask for it.
@@ -77,8 +81,8 @@ def _policy_loss_func(batch: MicroBatch, settings: LossSettings, output: torch.T
     return loss, count.to(torch.int), {"metrics": metrics}
 
 
-def _old_log_prob_func(batch: MicroBatch, output: torch.Tensor):
-    log_prob, _ = _log_probs_of(output, batch, _old_log_prob_func.temperature, False)
+def _old_log_prob_func(temperature: float, batch: MicroBatch, output: torch.Tensor):
+    log_prob, _ = _log_probs_of(output, batch, temperature, False)
     zero = output.new_zeros(()).float()
     return zero, torch.tensor(0, dtype=torch.int), {"log_prob": log_prob.detach().float().cpu(),
                                                    "indices": batch.sample_indices}
@@ -116,13 +120,6 @@ def run_schedule(model_chunks, batches: list[MicroBatch], loss_func, forward_onl
     )
 
 
-def _sp_tp_group():
-    """The TP group (sequence parallelism splits the router's tokens over it), None at TP1."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-
-
 @torch.no_grad()
 def compute_old_log_probs(model_chunks, samples: list[Sample], batches: list[MicroBatch],
                           temperature: float, replay=None) -> dict[int, dict] | None:
@@ -136,10 +133,10 @@ def compute_old_log_probs(model_chunks, samples: list[Sample], batches: list[Mic
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     for chunk in chunks:
         chunk.eval()
-    _old_log_prob_func.temperature = temperature
     routing = _no_routing if replay is None else (
         lambda b: replay.record(("old", tuple(b.sample_indices))))
-    outputs = run_schedule(model_chunks, batches, _old_log_prob_func, forward_only=True, routing=routing)
+    outputs = run_schedule(model_chunks, batches, partial(_old_log_prob_func, temperature),
+                           forward_only=True, routing=routing)
     for chunk in chunks:
         chunk.train()
     local: list[tuple[int, list[float]]] = []
@@ -161,7 +158,7 @@ def compute_old_log_probs(model_chunks, samples: list[Sample], batches: list[Mic
     from gmpo_megatron.megatron.sequence_routes import all_gather_sequence_routes
 
     routes: dict[int, dict] = {}
-    sp_group = _sp_tp_group() if chunks[0].config.sequence_parallel else None
+    sp_group = _tp_group() if chunks[0].config.sequence_parallel else None
     for b in batches:
         key = ("old", tuple(b.sample_indices))
         per_sequence = replay.sequence_routes(key, b.spans, tuple(b.tokens.shape), tp_group=sp_group)
@@ -195,7 +192,7 @@ def train_on_batches(model_chunks, optimizer, batches: list[MicroBatch], setting
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     try:
-        outputs = run_schedule(model_chunks, batches, partial(_with_settings, settings),
+        outputs = run_schedule(model_chunks, batches, partial(_policy_loss_func, settings),
                                forward_only=False, routing=routing)
     finally:
         if replay is not None:
@@ -205,7 +202,3 @@ def train_on_batches(model_chunks, optimizer, batches: list[MicroBatch], setting
         metrics.merge(out["metrics"])
     ok, grad_norm, _ = optimizer.step()
     return metrics, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
-
-
-def _with_settings(settings: LossSettings, batch: MicroBatch, output: torch.Tensor):
-    return _policy_loss_func(batch, settings, output)
