@@ -42,13 +42,18 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest finished checkpoint under ``root`` (None when there is none)."""
+def finished_checkpoints(root: str | Path) -> list[Path]:
+    """Finished checkpoints under ``root``, oldest first (step names sort by step)."""
     root = Path(root)
     if not root.is_dir():
-        return None
-    finished = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).exists()
-                      and not p.name.endswith(".tmp"))
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).exists()
+                  and not p.name.endswith(".tmp"))
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest finished checkpoint under ``root`` (None when there is none)."""
+    finished = finished_checkpoints(root)
     return finished[-1] if finished else None
 
 
@@ -90,9 +95,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, trainer_state
         os.replace(tmp, final)
         (root / "latest.tmp").write_text(final.name + "\n")
         os.replace(root / "latest.tmp", root / "latest")
-        finished = sorted(p for p in root.glob("step_*") if (p / COMPLETE).exists()
-                          and not p.name.endswith(".tmp"))
-        for old in finished[:-keep_last]:
+        for old in finished_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
