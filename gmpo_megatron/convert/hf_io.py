@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from gmpo_megatron.convert.errors import ConversionError
+from gmpo_megatron.convert.raw_io import FileRange
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -219,10 +220,36 @@ class HFCheckpoint:
     def read(self, name: str) -> torch.Tensor:
         """The full tensor ``name`` (per-expert name even for fused files), freshly allocated."""
         loc = self.location(name)
-        handle = self._handles.get(loc.file)
+        return read_into(self._handle(loc.file), loc.start, torch.empty(loc.shape, dtype=loc.dtype))
+
+    def byte_range(self, name: str, first: int = 0, count: int | None = None) -> FileRange:
+        """Where rows ``[first, first + count)`` (dim 0; all rows when ``count`` is None) of
+        tensor ``name`` are stored: one contiguous range of its file."""
+        loc = self.location(name)
+        if not loc.shape:
+            raise ConversionError(f"HF tensor {name} is a scalar: it has no rows")
+        count = loc.shape[0] - first if count is None else count
+        if first < 0 or count < 0 or first + count > loc.shape[0]:
+            raise ConversionError(f"rows [{first}, {first + count}) are outside HF tensor {name} "
+                                  f"of shape {loc.shape}")
+        row_bytes = loc.nbytes // loc.shape[0] if loc.shape[0] else 0
+        return FileRange(loc.file, loc.start + first * row_bytes, count * row_bytes)
+
+    def read_rows(self, name: str, first: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill the contiguous ``out`` (``[count, *shape[1:]]``, the tensor's dtype) with rows
+        ``[first, first + count)`` of tensor ``name``."""
+        loc = self.location(name)
+        if out.dtype != loc.dtype or tuple(out.shape[1:]) != loc.shape[1:]:
+            raise ConversionError(f"cannot read rows of HF tensor {name} ({loc.dtype}, "
+                                  f"{loc.shape}) into a {out.dtype} {tuple(out.shape)} buffer")
+        where = self.byte_range(name, first, out.shape[0])
+        return read_into(self._handle(loc.file), where.offset, out)
+
+    def _handle(self, path: str):
+        handle = self._handles.get(path)
         if handle is None:
-            handle = self._handles[loc.file] = open(loc.file, "rb", buffering=0)
-        return read_into(handle, loc.start, torch.empty(loc.shape, dtype=loc.dtype))
+            handle = self._handles[path] = open(path, "rb", buffering=0)
+        return handle
 
     def close(self) -> None:
         for handle in self._handles.values():

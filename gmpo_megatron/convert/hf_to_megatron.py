@@ -183,7 +183,7 @@ def _write_streaming(hf_config, mapping, ckpt, params_dtype, directory) -> None:
     with torch.device("meta"):
         meta_model = build_model(hf_config, converter_build_options(params_dtype=params_dtype))
     check_megatron_config(hf_config, meta_model)
-    source = HFChunkSource(mapping, ckpt.read)
+    source = HFChunkSource(mapping, ckpt)
     save_streaming(meta_model, source, directory)
     unused = sorted(set(mapping.hf_names()) - source.names_read)
     if unused:

@@ -25,6 +25,7 @@ import torch
 
 from gmpo_megatron.convert.errors import ConversionError
 from gmpo_megatron.convert.hf_io import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
+from gmpo_megatron.convert.raw_io import DurableWriter, copy_range, write_all
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # the size transformers uses for published checkpoints
 
@@ -77,14 +78,15 @@ class ShardedSafetensorsWriter:
         self._order = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard.specs]
         self._next = 0
         self._handle = None
+        self._durable: DurableWriter | None = None
         self.bytes_written = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor`` (the next planned tensor, exact shape and dtype)."""
         spec = self._next_spec(name, tuple(tensor.shape), tensor.dtype)
         if spec.nbytes:
-            _write_all(self._handle, memoryview(tensor.contiguous().view(torch.uint8)
-                                                .reshape(-1).numpy()))
+            write_all(self._handle.fileno(), memoryview(tensor.contiguous().reshape(-1)
+                                                        .view(torch.uint8).numpy()))
         self._advance(spec)
 
     def copy_from(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, path: str,
@@ -95,7 +97,7 @@ class ShardedSafetensorsWriter:
         if nbytes != spec.nbytes:
             raise ConversionError(f"{name}: {nbytes} source bytes for a {spec.nbytes}-byte tensor")
         with open(path, "rb", buffering=0) as source:
-            _copy_range(source.fileno(), self._handle, offset, nbytes)
+            copy_range(source.fileno(), self._handle.fileno(), offset, nbytes)
         self._advance(spec)
 
     def _next_spec(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
@@ -110,17 +112,18 @@ class ShardedSafetensorsWriter:
         if self._handle is None:
             shard = self.shards[shard_index]
             self._handle = open(os.path.join(self.directory, shard.filename), "wb", buffering=0)
-            _write_all(self._handle, memoryview(shard.header))
+            self._durable = DurableWriter(self._handle.fileno())
+            write_all(self._handle.fileno(), memoryview(shard.header))
         return spec
 
     def _advance(self, spec: TensorSpec) -> None:
         shard_index = self._order[self._next][0]
         self.bytes_written += spec.nbytes
+        self._durable.wrote(spec.nbytes)
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:
-            os.fsync(self._handle.fileno())  # durable before the completion marker is written
-            self._handle.close()
-            self._handle = None
+            self._durable.finish()  # durable before the completion marker is written
+            self.close()
 
     def finish(self) -> list[str]:
         if self._next != len(self._order):
@@ -138,36 +141,9 @@ class ShardedSafetensorsWriter:
 
     def close(self) -> None:
         if self._handle is not None:
+            self._durable.wait()
             self._handle.close()
             self._handle = None
-
-
-def _write_all(handle, data: memoryview) -> None:
-    written = 0
-    while written < len(data):
-        written += handle.write(data[written:])
-
-
-def _copy_range(source_fd: int, handle, offset: int, nbytes: int) -> None:
-    """``nbytes`` from ``source_fd`` at ``offset`` to the end of ``handle``: ``copy_file_range``
-    (no user-space copy), or pread + write where the kernel or filesystem does not offer it."""
-    done = 0
-    try:
-        while done < nbytes:
-            n = os.copy_file_range(source_fd, handle.fileno(), nbytes - done, offset + done)
-            if n == 0:
-                raise ConversionError(f"source file ended {nbytes - done} bytes early")
-            done += n
-        return
-    except (AttributeError, OSError):
-        pass  # copy what is left through user space
-    block = 64 << 20
-    while done < nbytes:
-        chunk = os.pread(source_fd, min(block, nbytes - done), offset + done)
-        if not chunk:
-            raise ConversionError(f"source file ended {nbytes - done} bytes early")
-        _write_all(handle, memoryview(chunk))
-        done += len(chunk)
 
 
 def _plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[_Shard]:

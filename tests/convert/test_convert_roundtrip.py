@@ -5,6 +5,7 @@ The multi-process layouts (TP2, PP2, EP2, TP2+EP2) are in test_convert_layouts_m
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -172,3 +173,44 @@ def test_stream_writer_matches_a_saved_model(hf_models, megatron_models, tmp_pat
     assert names == sorted(streamed.tensors)
     for name, tensor in saved.read(names).items():
         assert torch.equal(streamed.read([name])[name], tensor), name
+
+
+def _pytorch_file_writer(path: str):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    return FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1,
+                            overwrite=True)
+
+
+@pytest.mark.parametrize("kind,dtype", [("qwen2", None), ("qwen3", None), ("qwen3_moe", None),
+                                        ("qwen3_moe", "bfloat16")])
+def test_stream_writer_files_equal_pytorch_writer(hf_models, tmp_path, monkeypatch, kind, dtype):
+    """The import's data file is byte for byte the one PyTorch's FileSystemWriter (torch.save per
+    chunk) writes from the same planner. With the stored dtype equal to the HF dtype every chunk
+    is copied as HF file ranges (nothing passes through memory); a cast reads rows into place."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from gmpo_megatron.convert import torch_dist_writer
+
+    sources = []
+
+    class RecordingSource(torch_dist_writer.HFChunkSource):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sources.append(self)
+
+    monkeypatch.setattr(torch_dist_writer, "HFChunkSource", RecordingSource)
+    options = dict(quiet, dtype=dtype or "auto")
+    ours = convert_hf_to_megatron(hf_models[kind], str(tmp_path / "ours"), **options)
+    monkeypatch.setattr(torch_dist_writer, "DirectFileWriter", _pytorch_file_writer)
+    theirs = convert_hf_to_megatron(hf_models[kind], str(tmp_path / "theirs"), **options)
+    with open(os.path.join(ours, "__0_0.distcp"), "rb") as a, \
+            open(os.path.join(theirs, "__0_0.distcp"), "rb") as b:
+        assert a.read() == b.read()
+    ours_md, theirs_md = (FileSystemReader(d).read_metadata() for d in (ours, theirs))
+    assert ours_md.storage_data == theirs_md.storage_data
+    chunk_bytes = sum(math.prod(c.sizes) * md.properties.dtype.itemsize
+                      for md in ours_md.state_dict_metadata.values() if hasattr(md, "chunks")
+                      for c in md.chunks)
+    by_range = sources[0].bytes_by_range
+    assert by_range == (chunk_bytes if dtype is None else 0)
