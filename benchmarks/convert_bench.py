@@ -17,11 +17,13 @@ best and the median), after an ``os.sync()`` so no operation pays for another's 
 Peak RSS is per operation: each runs under a fresh ``--measure`` wrapper process that reports
 ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` of its one child (a process's own RUSAGE_CHILDREN is the
 maximum over *all* its waited-for children, so a shared parent could not separate them). Time is
-measured inside the child after its imports (``time``; torch, transformers and megatron-core
-imports take ~5 s more on 2 cores);
-GB/s is checkpoint bytes over ``time``. The inputs are in the page cache (just written), so
-reads cost memory bandwidth, not disk time; durable writes pay the disk. After the round trip the
-exported tensors are compared with the originals bit for bit (outside the timings).
+measured inside the child after its imports (``time``: torch, transformers and the megatron-core
+modules the converters use are imported before the clock starts; they take ~5 s more on 2 cores,
+once per process whatever the checkpoint size);
+GB/s is checkpoint bytes over ``time``. Each operation's input is read once, untimed, just before
+it runs, so reads cost memory bandwidth, not disk time, for all of them alike; durable writes pay
+the disk. After the round trip the exported tensors are compared with the originals bit for bit
+(outside the timings).
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ import transformers, megatron.core.dist_checkpointing
 from transformers import Qwen3MoeConfig
 import gmpo_megatron.megatron.model_builder, gmpo_megatron.convert.hf_to_megatron
 import gmpo_megatron.convert.megatron_to_hf
+import importlib, gmpo_megatron.megatron.cpu_compat as cpu_compat
+for name in (*cpu_compat._MEGATRON_MODULES, "megatron.core.models.gpt"):
+    importlib.import_module(name)  # import only: what cpu_compat.apply() would load on first use
 t = time.perf_counter()
 code = main(sys.argv[1:])
 print("ELAPSED", time.perf_counter() - t)
@@ -144,6 +149,19 @@ def run_measured(program: str, args: list[str]) -> dict:
     return report
 
 
+def warm(directory: str) -> None:
+    """Read every file of ``directory`` (untimed), so each operation finds its input in the page
+    cache. Without it, which input pages the kernel has evicted to make room for the previous
+    operations' outputs (several checkpoint copies exist at once) decides the timings."""
+    buffer = bytearray(64 << 20)
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+
+
 def bench_size(workdir: str, layers: int, fp8: bool, rounds: int) -> list[dict]:
     """``rounds`` interleaved rounds of every operation; each row keeps every round's numbers."""
     root = os.path.join(workdir, f"L{layers}")
@@ -155,6 +173,8 @@ def bench_size(workdir: str, layers: int, fp8: bool, rounds: int) -> list[dict]:
     results: dict[str, list[dict]] = {}
 
     def measured(operation: str, program: str, args: list[str], cleanup: list[str]) -> None:
+        warm(args[args.index("--hf-dir") + 1] if "--hf-dir" in args
+             else args[args.index("--megatron-dir") + 1] if "--megatron-dir" in args else args[0])
         os.sync()  # start every operation with no dirty pages left by the previous one
         report = run_measured(program, args)
         results.setdefault(operation, []).append(report)

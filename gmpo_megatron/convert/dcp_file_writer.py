@@ -12,9 +12,13 @@ except for the tensor data itself, provided the archive carries no CRC32 (``torc
 ``tensor_record`` asks ``torch.save`` itself for those bytes once per (dtype, shape), with
 ``skip_data`` (it writes the archive and seeks over the data), so no zip code is written here.
 ``DirectFileWriter`` then writes each chunk as that prefix, the data (``os.write`` of the tensor's
-memory, or ``copy_file_range`` from byte ranges of other files), and the suffix. The files equal
-``FileSystemWriter(single_file_per_rank=True, thread_count=1)``'s byte for byte (tested), and
-``.metadata`` is written by ``FileSystemWriter.finish`` itself.
+memory, or ``copy_file_range`` from byte ranges of other files), and the suffix. Every record
+equals the one ``FileSystemWriter(single_file_per_rank=True, thread_count=1)`` writes, byte for
+byte, in the same order (tested); the one difference is that a record copied from a file range of
+1 MiB or more may start after a gap of zeros (< 1 page) that puts its data at the same offset
+within a page as its source, which makes the kernel copy ~40% faster. DCP reads each record at
+the offset ``.metadata`` gives (``.metadata`` is written by ``FileSystemWriter.finish`` itself), so
+gaps are invisible to every reader.
 """
 
 from __future__ import annotations
