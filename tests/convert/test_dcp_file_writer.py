@@ -176,7 +176,13 @@ def test_large_ranges_land_page_aligned_with_their_source(tmp_path, no_crc32):
     state = {"small": random_tensor(torch.float32, (7, 3), generator),
              "large": random_tensor(torch.bfloat16, (700, 1031), generator),
              "after": random_tensor(torch.int64, (5,), generator)}
-    ranges = scattered_source(str(tmp_path / "source.bin"), state, generator)
+    source = str(tmp_path / "source.bin")
+    ranges = scattered_source(source, state, generator)
+    with open(source, "ab") as f:  # "large" once more, in one piece at an odd offset
+        f.write(os.urandom(int(torch.randint(1, 4096, (1,), generator=generator))))
+        data = bytes(tensor_bytes(state["large"]))
+        ranges["large"] = [FileRange(source, f.tell(), len(data))]
+        f.write(data)
     ours = save(tmp_path, "ours", DirectFileWriter, dict(state), RangePlanner(ranges))
     theirs = save(tmp_path, "theirs", reference_writer, dict(state))
     assert records(ours) == records(theirs)
