@@ -37,7 +37,13 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from gmpo_megatron.convert.errors import ConversionError
-from gmpo_megatron.convert.raw_io import DurableWriter, FileRange, copy_range, write_all
+from gmpo_megatron.convert.raw_io import (
+    DurableWriter,
+    FileRange,
+    copy_range,
+    tensor_bytes,
+    write_all,
+)
 
 _PAGE = mmap.PAGESIZE
 _ALIGN_MIN_BYTES = 1 << 20  # page-align the data of chunks copied from files from this size on
@@ -109,11 +115,6 @@ def tensor_record(dtype: torch.dtype, shape: tuple[int, ...]) -> TensorRecord:
             "--writer model")
     return TensorRecord(bytes(stream.parts[0]), nbytes,
                         bytes(stream.parts[-1]) if nbytes else b"")
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, as a flat view (a copy only if not contiguous)."""
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 class DirectFileWriter(FileSystemWriter):
@@ -197,4 +198,4 @@ class DirectFileWriter(FileSystemWriter):
         return offset, record.length
 
 
-__all__ = ["DirectFileWriter", "FileRange", "TensorRecord", "tensor_bytes", "tensor_record"]
+__all__ = ["DirectFileWriter", "FileRange", "TensorRecord", "tensor_record"]

@@ -8,6 +8,8 @@ import os
 import threading
 from dataclasses import dataclass
 
+import torch
+
 from gmpo_megatron.convert.errors import ConversionError
 
 _COPY_BLOCK = 64 << 20  # the user-space fallback's read size
@@ -20,6 +22,11 @@ class FileRange:
     path: str
     offset: int
     nbytes: int
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, as a flat view (a copy only if not contiguous)."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_all(fd: int, data: memoryview) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from gmpo_megatron.convert.errors import ConversionError
 from gmpo_megatron.convert.hf_io import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
-from gmpo_megatron.convert.raw_io import DurableWriter, copy_range, write_all
+from gmpo_megatron.convert.raw_io import DurableWriter, copy_range, tensor_bytes, write_all
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # the size transformers uses for published checkpoints
 
@@ -85,8 +85,7 @@ class ShardedSafetensorsWriter:
         """Append ``tensor`` (the next planned tensor, exact shape and dtype)."""
         spec = self._next_spec(name, tuple(tensor.shape), tensor.dtype)
         if spec.nbytes:
-            write_all(self._handle.fileno(), memoryview(tensor.contiguous().reshape(-1)
-                                                        .view(torch.uint8).numpy()))
+            write_all(self._handle.fileno(), tensor_bytes(tensor))
         self._advance(spec)
 
     def copy_from(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, path: str,

@@ -10,6 +10,7 @@ from convert_helpers import make_model, save_model
 from transformers import AutoConfig
 
 from gmpo_megatron.convert.hf_io import open_hf_checkpoint
+from gmpo_megatron.convert.raw_io import tensor_bytes
 from gmpo_megatron.convert.torch_dist_writer import HFChunkSource
 from gmpo_megatron.models import get_mapping
 
@@ -24,7 +25,7 @@ def read_ranges(ranges) -> bytes:
 
 
 def raw(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return bytes(tensor_bytes(tensor))
 
 
 @pytest.fixture(scope="module")

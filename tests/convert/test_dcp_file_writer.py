@@ -18,9 +18,9 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, F
 from torch.distributed.checkpoint.api import CheckpointException
 
 from gmpo_megatron.convert import raw_io
-from gmpo_megatron.convert.dcp_file_writer import DirectFileWriter, tensor_bytes, tensor_record
+from gmpo_megatron.convert.dcp_file_writer import DirectFileWriter, tensor_record
 from gmpo_megatron.convert.errors import ConversionError
-from gmpo_megatron.convert.raw_io import DurableWriter, FileRange, copy_range
+from gmpo_megatron.convert.raw_io import DurableWriter, FileRange, copy_range, tensor_bytes
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32,
           torch.uint8, torch.bool, torch.float8_e4m3fn]
