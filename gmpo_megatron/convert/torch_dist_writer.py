@@ -44,7 +44,7 @@ class HFChunkSource:
     The mapping is probed once per tensor with row-id tensors: when it only selects and reorders
     whole rows of its HF inputs (identity, the fc1 ``[gate; up]`` concatenation, the per-group QKV
     interleave), a chunk is a list of row ranges of HF tensors, i.e. of byte ranges of the HF files
-    (``segments``), which the writer copies file-to-file, or reads straight into place when the
+    (``payload``), which the writer copies file-to-file, or reads straight into place when the
     dtype changes. A mapping that does anything else is applied to the full tensors (``__call__``).
     """
 
@@ -58,13 +58,13 @@ class HFChunkSource:
         self._parts: tuple[str | None, list] = (None, [])
         self._row_id_cache: dict[tuple, torch.Tensor | None] = {}
 
-    def segments(self, fqn: str, global_size: tuple[int, ...], offsets: tuple[int, ...],
-                 sizes: tuple[int, ...], dtype: torch.dtype) -> list[FileRange] | None:
-        """The chunk as byte ranges of the HF files, or None when its bytes have to be computed
-        (a dtype cast, or a mapping that is not a row rearrangement)."""
+    def payload(self, fqn: str, global_size: tuple[int, ...], offsets: tuple[int, ...],
+                sizes: tuple[int, ...], dtype: torch.dtype) -> list[FileRange] | torch.Tensor:
+        """The chunk as byte ranges of the HF files when it is whole HF rows already in
+        ``dtype``; otherwise as a tensor (``__call__``)."""
         pieces = self._pieces(fqn, global_size, offsets, sizes)
         if pieces is None or any(self.checkpoint.dtype(n) != dtype for n, _, _ in pieces):
-            return None
+            return self._tensor(pieces, fqn, global_size, offsets, sizes, dtype)
         self._served(pieces)
         ranges = [self.checkpoint.byte_range(name, first, count) for name, first, count in pieces]
         self.bytes_by_range += sum(r.nbytes for r in ranges)
@@ -74,6 +74,11 @@ class HFChunkSource:
                  sizes: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The chunk as a new tensor of ``dtype`` and shape ``sizes``."""
         pieces = self._pieces(fqn, global_size, offsets, sizes)
+        return self._tensor(pieces, fqn, global_size, offsets, sizes, dtype)
+
+    def _tensor(self, pieces, fqn, global_size, offsets, sizes, dtype) -> torch.Tensor:
+        """Read ``pieces`` (whole rows) into one tensor, or apply the mapping to the full HF
+        tensors when there are none, and cast to ``dtype``."""
         if pieces is not None and len({self.checkpoint.dtype(n) for n, _, _ in pieces}) == 1:
             self._served(pieces)
             name = pieces[0][0]
@@ -211,7 +216,7 @@ def _streaming_strategy(source: HFChunkSource):
             whole HF rows in its stored dtype, else the tensor."""
             data = super().resolve_data(write_item)
             if isinstance(data, torch.Tensor) and data.is_meta:
-                return source.segments(*chunk_args(write_item)) or source(*chunk_args(write_item))
+                return source.payload(*chunk_args(write_item))
             return data
 
     class StreamingStrategy(TorchDistSaveShardedStrategy):

@@ -58,12 +58,12 @@ def test_chunk_ranges_are_the_mappings_rows(moe_checkpoint, name, first, rows):
         expected = full.narrow(0, first, rows)
         source = HFChunkSource(mapping, ckpt)
         offsets, sizes = (first, *[0] * (full.dim() - 1)), (rows, *full.shape[1:])
-        ranges = source.segments(name, tuple(full.shape), offsets, sizes, full.dtype)
-        assert ranges is not None and read_ranges(ranges) == raw(expected)
-        as_tensor = source(name, tuple(full.shape), offsets, sizes, torch.bfloat16)
-        assert torch.equal(as_tensor, expected.to(torch.bfloat16))
+        ranges = source.payload(name, tuple(full.shape), offsets, sizes, full.dtype)
+        assert isinstance(ranges, list) and read_ranges(ranges) == raw(expected)
         # another dtype needs a cast: no ranges, the tensor path reads rows into place
-        assert source.segments(name, tuple(full.shape), offsets, sizes, torch.bfloat16) is None
+        as_tensor = source.payload(name, tuple(full.shape), offsets, sizes, torch.bfloat16)
+        assert torch.equal(as_tensor, expected.to(torch.bfloat16))
+        assert torch.equal(source(name, tuple(full.shape), offsets, sizes, full.dtype), expected)
     if "linear_qkv" in name and first == 0:
         assert len(ranges) == 3 * 3  # per group: its query heads, its key head, its value head
 
@@ -86,6 +86,5 @@ def test_a_mapping_that_mixes_columns_is_applied_to_full_tensors(moe_checkpoint)
         full = hf.t()
         source = HFChunkSource(mapping, ckpt)
         offsets, sizes = (2, 0), (3, full.shape[1])
-        assert source.segments(name, tuple(full.shape), offsets, sizes, full.dtype) is None
-        assert torch.equal(source(name, tuple(full.shape), offsets, sizes, full.dtype),
-                           full[2:5])
+        payload = source.payload(name, tuple(full.shape), offsets, sizes, full.dtype)
+        assert isinstance(payload, torch.Tensor) and torch.equal(payload, full[2:5])
