@@ -39,7 +39,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Qwen3-30B-A3B's config (REFERENCE.md §3) with fewer layers: every tensor has its real shape
+# Qwen3-30B-A3B's config (examples/moe/configs/qwen3-30b-a3b/config.json) with fewer layers: every tensor has its real shape
 # (128 experts of 768 x 2048, 151936-row embedding and lm_head), so per-tensor costs are real too.
 SYNTHETIC = dict(
     hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,

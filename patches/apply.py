@@ -25,6 +25,8 @@ PATCHES = {
     "megatron-core-0.16.1-te_general_gemm.patch": ("megatron-core", "0.16.1", "    te_general_gemm = None"),
     "megatron-core-0.16.1-torch-adam-step-restore.patch": (
         "megatron-core", "0.16.1", 'if key == "step" and key not in tensors:'),
+    "megatron-core-0.16.1-checkpoint-without-output-fp8.patch": (
+        "megatron-core", "0.16.1", "self.fp8 = HAVE_TE and fp8 is not None"),
 }
 
 

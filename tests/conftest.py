@@ -24,3 +24,36 @@ def megatron_single_process():
     from gmpo_megatron.megatron.parallel import init_distributed
 
     return init_distributed(seed=0)
+
+
+# -- a real SGLang server ------------------------------------------------------------------------
+# One server per model kind for the whole session: tests that need one take it from
+# ``sglang_server`` ("moe": the tiny-qwen3-moe preset with routed experts; "dense": a tiny dense
+# Qwen3) and push their own weights first (every SGLangEngine syncs at start).
+from sglang_support import SGLangTestServer, sglang_missing  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _skip_without_sglang(request):
+    if request.node.get_closest_marker("sglang") is not None:
+        reason = sglang_missing()
+        if reason:
+            pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def sglang_server(tmp_path_factory):
+    servers: dict[str, SGLangTestServer] = {}
+    root = tmp_path_factory.mktemp("sglang_servers")
+
+    def get(kind: str = "moe") -> SGLangTestServer:
+        reason = sglang_missing()
+        if reason:
+            pytest.skip(reason)
+        if kind not in servers:
+            servers[kind] = SGLangTestServer(kind, root)
+        return servers[kind]
+
+    yield get
+    for server in servers.values():
+        server.process.stop()

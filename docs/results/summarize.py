@@ -20,7 +20,10 @@ def summarize(path: str) -> dict[str, float]:
         "steps": len(rows), "reward_first_10pct": first, "reward_last_10pct": last,
         "ratio": last / first if first > 0 else float("inf"), "gain": last - first,
         "step_time_total_s": sum(r["time_step_s"] for r in rows),
-        "entropy_first": rows[0]["entropy"], "entropy_last": rows[-1]["entropy"],
+        # a skipped step (no informative group: no update) has no entropy
+        "entropy_first": next(r["entropy"] for r in rows if "entropy" in r),
+        "entropy_last": next(r["entropy"] for r in reversed(rows) if "entropy" in r),
+        "skipped_steps": sum(int(r.get("skipped", 0)) for r in rows),
     }
 
 

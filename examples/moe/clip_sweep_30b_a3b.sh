@@ -2,7 +2,7 @@
 # Lower-clip MoE stability sweep on Qwen3-30B-A3B: one GMPO run per clip range (log space,
 # symmetric: clip_eps_low = clip_eps_high = eps), one after the other, each through
 # launch_qwen3_30b_a3b.sh with its own output_dir. The authors saw an official 30B-A3B run at 0.4
-# collapse after ~80 steps and advise 0.2 (REFERENCE.md §1); compare reward, log_ratio_min/max,
+# collapse after ~80 steps and advise 0.2 (docs/models.md, Recipe); compare reward, log_ratio_min/max,
 # clipfrac_low/high, entropy and grad_norm across the runs' metrics.jsonl.
 #
 #   bash examples/moe/clip_sweep_30b_a3b.sh [key=value ...]        # on every node, same environment

@@ -84,3 +84,30 @@ def gather_from_context_parallel(local: torch.Tensor, positions: torch.Tensor, f
     if covered.numel() != full_len or not torch.equal(covered.sort().values, torch.arange(full_len)):
         raise ValueError(f"the CP ranks' positions do not cover [0, {full_len}) exactly once")
     return _GatherOwnGrad.apply(local, all_positions, full_len, group)
+
+
+class _MergeOwnGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, part, group):
+        merged = part.clone()
+        dist.all_reduce(merged, group=group)
+        return merged
+
+    @staticmethod
+    def backward(ctx, grad_merged):
+        return grad_merged, None
+
+
+def merge_disjoint_over_context_parallel(part: torch.Tensor, group) -> torch.Tensor:
+    """Every CP rank's ``part`` summed, where the ranks fill *disjoint* entries and leave the rest
+    exactly 0 (e.g. the ``[B, R]`` log-probs of the response tokens whose logits each rank holds;
+    unlike ``gather_from_context_parallel`` the ranks may hold different numbers of entries).
+
+    x + 0 is exact, so the result is bit-equal to the unsplit tensor. Backward: the gradient of
+    the merged tensor passes through unchanged (no sum over ranks), as in
+    ``gather_from_context_parallel``: every rank computes the same loss from the merged tensor,
+    and the entries a rank did not fill carry no graph, so it sends d loss / d (its own entries)
+    into its model only."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:  # group None: the world
+        return part
+    return _MergeOwnGrad.apply(part, group)

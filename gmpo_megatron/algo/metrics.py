@@ -1,10 +1,14 @@
 """Training metrics that reduce correctly across micro-batches and ranks.
 
-A metric is one of three kinds, fixed by the first call that names it:
+A metric is one of four kinds, fixed by the first call that names it:
 
 - mean: kept as (value_sum, count); merging adds both, so the result is the weighted mean over
   every token / sequence seen, whatever the micro-batch split or data-parallel size;
-- min / max: kept as a running extreme.
+- min / max: kept as a running extreme;
+- percentiles: kept as a histogram of counts (`LogHistogram`); merging adds the counts, so the
+  percentiles are over every value of the global batch (no sampling), at a fixed resolution: a
+  reported percentile is within 0.5% (relative) of the exact nearest-rank value, or within 1e-9 of
+  it when that value is smaller than 1e-9 in magnitude (see `LogHistogram`).
 
 Values may be python numbers or 0-dim tensors (any device; they are detached and kept in float64,
 and nothing is moved to the host until `to_dict`, so adding metrics never synchronises a GPU).
@@ -23,12 +27,74 @@ from gmpo_megatron.algo.advantages import group_index, group_reward_spread
 
 __all__ = [
     "Metrics",
+    "LogHistogram",
+    "PERCENTILES",
     "add_masked_stats",
     "response_length_stats",
     "all_equal_reward_groups",
 ]
 
-_KINDS = ("mean", "min", "max")
+_KINDS = ("mean", "min", "max", "percentiles")
+
+PERCENTILES = (0.1, 1.0, 99.0, 99.9)
+"""The percentiles every `add_percentiles` metric reports, as `{name}_p0.1`, `_p1`, `_p99`, `_p99.9`."""
+
+
+def percentile_key(name: str, pct: float) -> str:
+    return f"{name}_p{pct:g}"
+
+
+class LogHistogram:
+    """A signed, log-spaced histogram: exact counts, bounded value resolution.
+
+    Bins, in increasing value: one overflow bin for x <= -MAX_ABS, NUM_SIDE bins for negative x,
+    one zero bin for |x| < MIN_ABS, NUM_SIDE bins for positive x, one overflow bin for x >= MAX_ABS.
+    A side bin k holds MIN_ABS * RATIO**k <= |x| < MIN_ABS * RATIO**(k+1) and reports the
+    geometric middle MIN_ABS * RATIO**(k + 1/2), so the reported value is within
+    sqrt(RATIO) - 1 = 0.4988% (relative) of any value in the bin. The zero bin reports 0 (absolute
+    error < MIN_ABS), the overflow bins saturate at +-MAX_ABS. Counts are float64: exact below 2**53.
+    """
+
+    RATIO = 1.01
+    MIN_ABS = 1e-9
+    MAX_ABS = 1e4
+    NUM_SIDE = math.ceil(math.log(MAX_ABS / MIN_ABS) / math.log(RATIO))  # 3008
+    NUM_BINS = 2 * NUM_SIDE + 3
+    REL_TOL = math.sqrt(RATIO) - 1
+
+    @classmethod
+    def counts(cls, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Histogram `[NUM_BINS]` float64 of `values` where `mask` is true (same shapes; positions
+        outside the mask, inf/nan included, are never read). Stays on the values' device."""
+        x = torch.where(mask.bool(), values.detach().to(torch.float64), 0.0).reshape(-1)
+        a = x.abs()
+        k = torch.floor(torch.log(a.clamp(min=cls.MIN_ABS) / cls.MIN_ABS) / math.log(cls.RATIO))
+        k = k.clamp(0, cls.NUM_SIDE - 1).long()
+        zero, side = cls.NUM_SIDE + 1, torch.where(x > 0, cls.NUM_SIDE + 2 + k, cls.NUM_SIDE - k)
+        index = torch.where(a < cls.MIN_ABS, zero, side)
+        index = torch.where(a >= cls.MAX_ABS, torch.where(x > 0, cls.NUM_BINS - 1, 0), index)
+        weight = mask.reshape(-1).to(torch.float64)
+        return torch.zeros(cls.NUM_BINS, dtype=torch.float64, device=x.device).index_add_(0, index, weight)
+
+    @classmethod
+    def bin_values(cls) -> torch.Tensor:
+        """The value each bin reports, `[NUM_BINS]` float64, increasing."""
+        middle = cls.MIN_ABS * cls.RATIO ** (torch.arange(cls.NUM_SIDE, dtype=torch.float64) + 0.5)
+        return torch.cat([torch.tensor([-cls.MAX_ABS], dtype=torch.float64), -middle.flip(0),
+                          torch.zeros(1, dtype=torch.float64), middle,
+                          torch.tensor([cls.MAX_ABS], dtype=torch.float64)])
+
+    @classmethod
+    def percentile(cls, counts: torch.Tensor, pct: float) -> float:
+        """Nearest-rank percentile: the value of the bin holding the ceil(pct/100 * N)-th smallest
+        value (at least the first); nan for an empty histogram."""
+        counts = counts.detach().to("cpu", torch.float64)
+        total = float(counts.sum())
+        if total == 0:
+            return math.nan
+        rank = max(1, math.ceil(pct / 100 * total))
+        index = int(torch.searchsorted(counts.cumsum(0), torch.tensor(float(rank), dtype=torch.float64)))
+        return float(cls.bin_values()[min(index, cls.NUM_BINS - 1)])
 
 
 def _scalar(value: torch.Tensor | float, name: str) -> torch.Tensor | float:
@@ -67,9 +133,11 @@ class Metrics:
         self._count: dict[str, torch.Tensor | float] = {}
         self._min: dict[str, torch.Tensor | float] = {}
         self._max: dict[str, torch.Tensor | float] = {}
+        self._hist: dict[str, torch.Tensor] = {}
 
     def _claim(self, name: str, kind: str) -> None:
-        for other, table in (("mean", self._sum), ("min", self._min), ("max", self._max)):
+        tables = (("mean", self._sum), ("min", self._min), ("max", self._max), ("percentiles", self._hist))
+        for other, table in tables:
             if other != kind and name in table:
                 raise ValueError(
                     f"metric {name!r} is already a {other} metric; it cannot also be a {kind} "
@@ -93,6 +161,15 @@ class Metrics:
         value = _scalar(value, name)
         self._max[name] = value if name not in self._max else _maximum(self._max[name], value)
 
+    def add_percentiles(self, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """Count `values` where `mask` is true into the percentile metric `name`, reported as
+        `{name}_p0.1|_p1|_p99|_p99.9` (PERCENTILES) at LogHistogram's resolution."""
+        self._claim(name, "percentiles")
+        self._add_histogram(name, LogHistogram.counts(values, mask))
+
+    def _add_histogram(self, name: str, counts: torch.Tensor) -> None:
+        self._hist[name] = counts if name not in self._hist else self._hist[name] + counts.to(self._hist[name])
+
     def merge(self, other: "Metrics") -> None:
         """Accumulate `other` (e.g. the next micro-batch's metrics) into this one."""
         for name in other._sum:
@@ -101,9 +178,12 @@ class Metrics:
             self.add_min(name, value)
         for name, value in other._max.items():
             self.add_max(name, value)
+        for name, counts in other._hist.items():
+            self._claim(name, "percentiles")
+            self._add_histogram(name, counts)
 
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> None:
-        """Reduce over `group` in place: SUM of sums and counts, MIN of mins, MAX of maxes.
+        """Reduce over `group` in place: SUM of sums, counts and histograms, MIN of mins, MAX of maxes.
 
         A no-op when torch.distributed is not initialised. Every rank of the group must call it
         (it is a collective). Ranks may hold different metric names: the union is reduced, a rank
@@ -112,11 +192,11 @@ class Metrics:
         """
         if not (dist.is_available() and dist.is_initialized()):
             return
-        names = (sorted(self._sum), sorted(self._min), sorted(self._max))
+        names = (sorted(self._sum), sorted(self._min), sorted(self._max), sorted(self._hist))
         gathered: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, names, group=group)
-        mean_names, min_names, max_names = (
-            sorted(set().union(*(g[k] for g in gathered))) for k in range(3)
+        mean_names, min_names, max_names, hist_names = (
+            sorted(set().union(*(g[k] for g in gathered))) for k in range(4)
         )
         device = torch.device("cpu")
         if "nccl" in str(dist.get_backend(group)).lower():
@@ -129,7 +209,11 @@ class Metrics:
         sums = torch.cat([pack(self._sum, mean_names, 0.0), pack(self._count, mean_names, 0.0)])
         mins = pack(self._min, min_names, math.inf)
         maxs = pack(self._max, max_names, -math.inf)
+        empty = torch.zeros(LogHistogram.NUM_BINS, dtype=torch.float64)
+        hists = torch.stack([self._hist.get(k, empty).to(device) for k in hist_names]) if hist_names else (
+            torch.zeros(0, LogHistogram.NUM_BINS, dtype=torch.float64, device=device))
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(hists, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(mins, op=dist.ReduceOp.MIN, group=group)
         dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=group)
         n = len(mean_names)
@@ -137,9 +221,11 @@ class Metrics:
         self._count = {k: sums[n + i] for i, k in enumerate(mean_names)}
         self._min = {k: mins[i] for i, k in enumerate(min_names)}
         self._max = {k: maxs[i] for i, k in enumerate(max_names)}
+        self._hist = {k: hists[i] for i, k in enumerate(hist_names)}
 
     def to_dict(self) -> dict[str, float]:
-        """Plain floats: means as sum/count (nan when count is 0), mins and maxes (nan if unseen)."""
+        """Plain floats: means as sum/count (nan when count is 0), mins and maxes (nan if unseen),
+        `{name}_p{pct}` for each of PERCENTILES (nan when no value was counted)."""
         out: dict[str, float] = {}
         for name in self._sum:
             total, count = float(self._sum[name]), float(self._count[name])
@@ -148,6 +234,9 @@ class Metrics:
             out[name] = float(value) if float(value) != math.inf else math.nan
         for name, value in self._max.items():
             out[name] = float(value) if float(value) != -math.inf else math.nan
+        for name, counts in self._hist.items():
+            for pct in PERCENTILES:
+                out[percentile_key(name, pct)] = LogHistogram.percentile(counts, pct)
         return dict(sorted(out.items()))
 
     def __repr__(self) -> str:

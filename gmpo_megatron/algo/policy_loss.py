@@ -35,7 +35,10 @@ from gmpo_megatron.algo.objectives import (
 
 __all__ = ["LOSS_MODES", "policy_loss", "loss_normalizer_kind", "local_normalizer"]
 
-NormalizerKind = Literal["sequences", "tokens", "constant"]
+NormalizerKind = Literal["sequences", "tokens"]
+
+LOG_RATIO_THRESHOLDS = (0.1, 0.2, 0.4, 1.0)
+"""|d_t| thresholds of the `log_ratio_abs_gt_{x}` metrics (fraction of response tokens beyond x)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +186,7 @@ def loss_normalizer_kind(mode: str, **options: Any) -> NormalizerKind:
     """What the trainer must count over the global batch to build `normalizer=`:
 
     "sequences" (gmpo, grpo, dr_grpo, gspo): sequences with at least one response token;
-    "tokens" (dapo): response tokens; "constant": a mode normalised by a configured constant,
-    needing no count (none of the built-in modes is). Validates `options` like `policy_loss`.
+    "tokens" (dapo): response tokens. Validates `options` like `policy_loss`.
     """
     return _resolve(mode, options)[0].normalizer_kind
 
@@ -267,6 +269,11 @@ def policy_loss(
     Metrics (weighted means over response tokens unless noted; see Metrics.to_dict):
       log_ratio_mean|_min|_max   d_t = log_prob - old_log_prob (the IS-ratio range, log space)
       seq_log_ratio_mean         mean over sequences of sum_t d_t / |o_i| (unclipped)
+      log_ratio_p0.1|_p1|_p99|_p99.9, seq_log_ratio_p...   nearest-rank percentiles of d_t over
+                                 response tokens / of sum_t d_t / |o_i| over sequences, from a
+                                 histogram that merges exactly (Metrics.add_percentiles: within
+                                 0.5% relative, or 1e-9 absolute, of the exact value)
+      log_ratio_abs_gt_{x}       fraction of response tokens with |d_t| > x, x in LOG_RATIO_THRESHOLDS
       clipfrac_low, clipfrac_high, clipfrac   units clipped on the side active for sign(A):
                                  low only for A < 0, high only for A > 0; units are response
                                  tokens, or sequences for sequence-level clips (gmpo
@@ -314,7 +321,13 @@ def policy_loss(
     metrics = Metrics()
     with torch.no_grad():
         add_masked_stats(metrics, "log_ratio", log_ratio, mask)
-        add_masked_stats(metrics, "seq_log_ratio", log_ratio.sum(-1) / lengths.clamp(min=1), has_tokens, ("mean",))
+        seq_log_ratio = log_ratio.sum(-1) / lengths.clamp(min=1)
+        add_masked_stats(metrics, "seq_log_ratio", seq_log_ratio, has_tokens, ("mean",))
+        metrics.add_percentiles("log_ratio", log_ratio, mask)
+        metrics.add_percentiles("seq_log_ratio", seq_log_ratio, has_tokens)
+        for threshold in LOG_RATIO_THRESHOLDS:
+            beyond = mask & (log_ratio.abs() > threshold)
+            metrics.add_mean(f"log_ratio_abs_gt_{threshold:g}", beyond.sum(), lengths.sum())
         n_units = clip.units.sum()
         metrics.add_mean("clipfrac_low", clip.low.sum(), n_units)
         metrics.add_mean("clipfrac_high", clip.high.sum(), n_units)

@@ -3,8 +3,8 @@
     gmpo-convert hf-to-megatron --hf-dir H --out-dir M [--tp N --pp N --ep N --etp N] [--dtype auto]
     gmpo-convert megatron-to-hf --megatron-dir M --out-dir H2 [--hf-config-dir H] [--fp8]
                                 [--max-shard-size 5GB] [--reader stream|model --tp ...]
-    gmpo-convert verify --hf-dir H [--megatron-dir M] [--tp ...]                 (logits)
-    gmpo-convert verify --mode weights --hf-dir H (--other-hf-dir H2 | --megatron-dir M)
+    gmpo-convert verify --hf-dir H [--megatron-dir M [--hf-config-dir C]] [--tp ...]   (logits)
+    gmpo-convert verify --mode weights --hf-dir H (--other-hf-dir H2 | --megatron-dir M [--hf-config-dir C])
 
 Multi-process: ``torchrun --nproc_per_node N -m gmpo_megatron.convert.cli <command> ...`` (or
 ``tools/convert/convert.py``). Exit status: 0 success, 1 verification outside tolerance, 2 refused
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--hf-dir", required=True, help="the reference HF model")
     ver.add_argument("--megatron-dir", default=None,
                      help="Megatron checkpoint (logits: omitted = load --hf-dir into Megatron)")
+    ver.add_argument("--hf-config-dir", default=None,
+                     help="HF directory with config.json for a --megatron-dir that does not carry "
+                          "hf/, e.g. the trainer's (<output_dir>/hf); checked against hf/ otherwise")
     ver.add_argument("--other-hf-dir", default=None, help="weights mode: HF checkpoint to compare")
     ver.add_argument("--batch", type=int, default=2)
     ver.add_argument("--seq-len", type=int, default=32)
@@ -128,14 +131,15 @@ def _run(args, log) -> int:
 
     if args.mode == "weights":
         report = verify.verify_weights(args.hf_dir, other_hf_dir=args.other_hf_dir,
-                                       megatron_dir=args.megatron_dir,
+                                       megatron_dir=args.megatron_dir, hf_config_dir=args.hf_config_dir,
                                        atol=args.max_abs_diff or 0.0)
         payload = report.as_dict()
     else:
         dtype = parse_dtype(args.dtype)
         fp32 = dtype.itemsize == 4
         report = verify.verify_logits(
-            args.hf_dir, args.megatron_dir, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
+            args.hf_dir, args.megatron_dir, hf_config_dir=args.hf_config_dir,
+            tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
             batch=args.batch, seq=args.seq_len, seed=args.seed, dtype=dtype,
             max_abs_tolerance=args.max_abs_diff if args.max_abs_diff is not None else (
                 1e-4 if fp32 else 0.5),

@@ -19,6 +19,10 @@ byte, in the same order (tested); the one difference is that a record copied fro
 within a page as its source, which makes the kernel copy ~40% faster. DCP reads each record at
 the offset ``.metadata`` gives (``.metadata`` is written by ``FileSystemWriter.finish`` itself), so
 gaps are invisible to every reader.
+
+The records come from ``torch.serialization`` internals that a torch upgrade could change, so
+``direct_records_match_torch_save`` compares one small tensor's record with ``torch.save``'s
+archive once per process; when they differ the import writes with torch's ``FileSystemWriter``.
 """
 
 from __future__ import annotations
@@ -117,6 +121,37 @@ def tensor_record(dtype: torch.dtype, shape: tuple[int, ...]) -> TensorRecord:
                         bytes(stream.parts[-1]) if nbytes else b"")
 
 
+def torch_save_archive(tensor: torch.Tensor) -> bytes:
+    """What ``FileSystemWriter`` stores for ``tensor``: ``torch.save`` without CRC32."""
+    crc32 = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        buffer = io.BytesIO()
+        torch.save(tensor, buffer)
+    finally:
+        torch.serialization.set_crc32_options(crc32)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=1)
+def direct_records_match_torch_save() -> bool:
+    """Whether this torch's ``torch.save`` archive of a small tensor is, byte for byte, the
+    record ``DirectFileWriter`` writes (prefix, data, suffix). The records are built through
+    ``torch.serialization`` internals a torch upgrade may change; checked once per process."""
+    tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    try:
+        record = tensor_record(tensor.dtype, tuple(tensor.shape))
+    except ConversionError:
+        return False
+    return record.prefix + bytes(tensor_bytes(tensor)) + record.suffix == torch_save_archive(tensor)
+
+
+def torch_file_writer(path: str) -> FileSystemWriter:
+    """PyTorch's own writer with ``DirectFileWriter``'s settings: the same files, slower."""
+    return FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1,
+                            overwrite=True)
+
+
 class DirectFileWriter(FileSystemWriter):
     """``FileSystemWriter`` (one file per rank, one thread, fsync'ed) writing chunk data directly.
 
@@ -198,4 +233,5 @@ class DirectFileWriter(FileSystemWriter):
         return offset, record.length
 
 
-__all__ = ["DirectFileWriter", "FileRange", "TensorRecord", "tensor_record"]
+__all__ = ["DirectFileWriter", "FileRange", "TensorRecord", "direct_records_match_torch_save",
+           "tensor_record", "torch_file_writer", "torch_save_archive"]

@@ -1,4 +1,5 @@
-"""Block-FP8 export in the format SGLang and vLLM load (``quant_method: fp8``, REFERENCE.md §5).
+"""Block-FP8 export in the format SGLang and vLLM load (``quant_method: fp8``,
+``weight_block_size: [128, 128]``: the format of DeepSeek-V3's FP8 checkpoints).
 
 Each quantised linear ``<m>.weight`` ``[out, in]`` becomes ``<m>.weight`` in ``float8_e4m3fn`` and
 ``<m>.weight_scale_inv`` in float32 ``[ceil(out/128), ceil(in/128)]``, one scale per 128x128 block:
@@ -103,7 +104,7 @@ def quantization_config(hf_names: list[str]) -> dict:
 
 def expert_block_warnings(hf_config, serving_tps: tuple[int, ...] = (1, 2, 4, 8)) -> list[str]:
     """Serving layouts whose per-rank expert FFN width is not a whole number of 128 blocks (block
-    FP8 kernels reject them; REFERENCE.md §5)."""
+    FP8 kernels reject them: SGLang and vLLM need each rank's weight shape to divide by the block)."""
     inter = getattr(hf_config, "moe_intermediate_size", None)
     if not inter or not getattr(hf_config, "num_experts", None):
         return []

@@ -110,6 +110,8 @@ def save_megatron_model(model_chunks, directory: str) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+    from gmpo_megatron.megatron.save_processes import writers_die_with_parent
+
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     if len(chunks) != 1:
         raise ConversionError("virtual pipeline stages (several model chunks) are not supported")
@@ -119,8 +121,9 @@ def save_megatron_model(model_chunks, directory: str) -> None:
     crc32 = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:
-        dist_checkpointing.save(chunks[0].sharded_state_dict(), directory,
-                                sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1))
+        with writers_die_with_parent():  # the forked writer processes end with this one
+            dist_checkpointing.save(chunks[0].sharded_state_dict(), directory,
+                                    sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1))
     finally:
         torch.serialization.set_crc32_options(crc32)
 
@@ -128,14 +131,18 @@ def save_megatron_model(model_chunks, directory: str) -> None:
 def load_megatron_model(model_chunks, directory: str) -> None:
     """Fill the model's shards from a torch_dist checkpoint saved at any layout (collective).
 
-    Stored dtypes are cast to the model's (a bf16 checkpoint loads into an fp32 model)."""
-    from megatron.core import dist_checkpointing
+    Stored dtypes are cast to the model's (a bf16 checkpoint loads into an fp32 model). Its
+    pickles go through the restricted loaders of ``safe_load``."""
+    from gmpo_megatron.megatron.safe_load import UnsafeCheckpointError, dist_checkpointing_load
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     if len(chunks) != 1:
         raise ConversionError("virtual pipeline stages (several model chunks) are not supported")
     request = chunks[0].sharded_state_dict()
-    loaded = dist_checkpointing.load(request, directory)
+    try:
+        loaded = dist_checkpointing_load(request, directory)
+    except UnsafeCheckpointError as error:
+        raise ConversionError(str(error)) from None
     # A trainer checkpoint also holds the optimizer: its common (non-tensor) entries come back
     # from common.pt under their own top-level key, which the model never asked for.
     loaded = {key: value for key, value in loaded.items() if key in request}

@@ -283,9 +283,23 @@ def _write(writer: ShardedSafetensorsWriter, hf_name: str, tensor: torch.Tensor,
         writer.write(hf_name, tensor.to(dtype))
 
 
+def _tokenizer_ids(directory: str) -> dict[str, int]:
+    """The bos / eos / pad ids of the tokenizer saved in ``directory`` (none: {})."""
+    names = ("tokenizer.json", "tokenizer_config.json")
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in names):
+        return {}
+    from transformers import AutoTokenizer
+
+    from gmpo_megatron.data.tokenizer import special_token_ids
+
+    return special_token_ids(AutoTokenizer.from_pretrained(directory, local_files_only=True))
+
+
 def _write_config(info, directory: str, specs: list[TensorSpec], fp8: bool) -> None:
-    """The source config.json, with its dtype set to the output's and, for FP8, the
-    quantization_config; every other field is kept byte-for-byte in meaning."""
+    """The source config.json, with its dtype set to the output's, the bos / eos / pad ids of
+    the tokenizer copied with it where the config has none (else generate() on the export never
+    stops early) and, for FP8, the quantization_config; every other field is kept byte-for-byte
+    in meaning."""
     with open(os.path.join(info.hf_files_dir, "config.json")) as f:
         config = json.load(f)
     float_dtypes = [s.dtype for s in specs if s.dtype in (torch.bfloat16, torch.float16,
@@ -294,6 +308,11 @@ def _write_config(info, directory: str, specs: list[TensorSpec], fp8: bool) -> N
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype", "torch_dtype"]
     for key in keys:
         config[key] = dtype_name(main)
+    from gmpo_megatron.data.tokenizer import SPECIAL_TOKEN_ID_KEYS
+
+    if any(config.get(key) is None for key in SPECIAL_TOKEN_ID_KEYS):
+        ids = _tokenizer_ids(info.hf_files_dir)
+        config.update({key: value for key, value in ids.items() if config.get(key) is None})
     if fp8:
         config["quantization_config"] = fp8_format.quantization_config(
             [s.name for s in specs if not s.name.endswith(fp8_format.SCALE_SUFFIX)])

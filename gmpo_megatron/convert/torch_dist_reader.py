@@ -115,10 +115,16 @@ class TorchDistCheckpoint:
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+        from gmpo_megatron.megatron import safe_load
+
         self.directory = os.path.abspath(directory)
         _check_torch_dist(self.directory)
+        safe_load.install()  # .metadata is unpickled with restricted globals
         self._reader = FileSystemReader(self.directory)
-        self.metadata = self._reader.read_metadata()
+        try:
+            self.metadata = self._reader.read_metadata()
+        except (safe_load.UnsafeCheckpointError, ValueError) as error:
+            raise ConversionError(str(error)) from None
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.tensors: dict[str, StoredTensor] = {}
         self.ignored_keys: list[str] = []

@@ -25,9 +25,11 @@ One process only; under torchrun the model-based path is used (each rank holds i
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
+from gmpo_megatron.convert import dcp_file_writer
 from gmpo_megatron.convert.dcp_file_writer import DirectFileWriter
 from gmpo_megatron.convert.errors import ConversionError
 from gmpo_megatron.convert.raw_io import FileRange
@@ -226,7 +228,13 @@ def _streaming_strategy(source: HFChunkSource):
             sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica)
             pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
-            writer = DirectFileWriter(str(checkpoint_dir))
+            if dcp_file_writer.direct_records_match_torch_save():
+                writer = DirectFileWriter(str(checkpoint_dir))
+            else:
+                warnings.warn("this torch's torch.save archives differ from the records "
+                              "gmpo-convert's direct writer builds: writing with torch's "
+                              "FileSystemWriter instead (the same checkpoint, slower)")
+                writer = dcp_file_writer.torch_file_writer(str(checkpoint_dir))
             planner = StreamingPlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
                                        flatten_state_dict=False)
             dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)

@@ -24,26 +24,9 @@ import torch
 from gmpo_megatron.convert.errors import ConversionError
 from gmpo_megatron.models import MAPPINGS, get_mapping
 from gmpo_megatron.models.base import QwenMapping
+from gmpo_megatron.models.hf_config import head_dim, moe_layer_pattern, rope_theta, rope_type_and_theta
 
 _SHOW = 8  # names listed in an error before "... and N more"
-
-
-def _head_dim(c) -> int:
-    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-
-def _rope(c) -> tuple[str, float | None]:
-    params = getattr(c, "rope_parameters", None) or {}
-    scaling = getattr(c, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type")) or scaling.get("rope_type") or "default"
-    theta = params.get("rope_theta", getattr(c, "rope_theta", None))
-    return rope_type, (float(theta) if theta is not None else None)
-
-
-def _moe_pattern(c) -> list[bool]:
-    from gmpo_megatron.megatron.model_builder import moe_layer_pattern
-
-    return moe_layer_pattern(c)
 
 
 # Every field that changes what the weights mean. (label, getter on an HF config)
@@ -53,15 +36,15 @@ HF_CONFIG_FIELDS: list[tuple[str, Callable]] = [
     ("num_hidden_layers", lambda c: c.num_hidden_layers),
     ("num_attention_heads", lambda c: c.num_attention_heads),
     ("num_key_value_heads (query groups)", lambda c: c.num_key_value_heads),
-    ("head_dim", _head_dim),
+    ("head_dim", head_dim),
     ("intermediate_size", lambda c: getattr(c, "intermediate_size", None)),
     ("moe_intermediate_size", lambda c: getattr(c, "moe_intermediate_size", None)),
     ("num_experts", lambda c: getattr(c, "num_experts", None) or 0),
     ("num_experts_per_tok (top-k)", lambda c: getattr(c, "num_experts_per_tok", None)),
     ("norm_topk_prob", lambda c: getattr(c, "norm_topk_prob", None)),
-    ("MoE layer pattern (decoder_sparse_step, mlp_only_layers)", _moe_pattern),
-    ("rope type", lambda c: _rope(c)[0]),
-    ("rope_theta (rope base)", lambda c: _rope(c)[1]),
+    ("MoE layer pattern (decoder_sparse_step, mlp_only_layers)", moe_layer_pattern),
+    ("rope type", lambda c: rope_type_and_theta(c)[0]),
+    ("rope_theta (rope base)", lambda c: rope_type_and_theta(c)[1]),
     ("rms_norm_eps", lambda c: float(c.rms_norm_eps)),
     ("tie_word_embeddings", lambda c: bool(getattr(c, "tie_word_embeddings", False))),
     ("QKV bias", lambda c: MAPPINGS[c.model_type].qkv_bias if c.model_type in MAPPINGS else None),
@@ -84,7 +67,7 @@ def check_hf_config(c) -> None:
                                          f"supported: {sorted(MAPPINGS)}"])
     if getattr(c, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={c.hidden_act!r}: only 'silu' (SwiGLU) is supported")
-    rope_type, theta = _rope(c)
+    rope_type, theta = rope_type_and_theta(c)
     if rope_type != "default":
         problems.append(f"rope type {rope_type!r}: only the default rotary embedding is supported "
                         "(remove rope scaling from config.json)")
@@ -121,20 +104,19 @@ def compare_hf_configs(expected, actual, expected_what: str, actual_what: str) -
 
 def check_megatron_config(hf_config, model) -> None:
     """The built Megatron model (one pipeline stage) is the model the HF config describes."""
-    from gmpo_megatron.megatron.model_builder import rope_theta
     from gmpo_megatron.megatron.weights import unwrap
 
     gpt = unwrap(model[0] if isinstance(model, (list, tuple)) else model)
     t = gpt.config
     c = hf_config
     mapping = get_mapping(c)
-    pattern = _moe_pattern(c)
+    pattern = moe_layer_pattern(c)
     expected = {
         "hidden_size": c.hidden_size,
         "num_layers": c.num_hidden_layers,
         "num_attention_heads": c.num_attention_heads,
         "num_query_groups": c.num_key_value_heads,
-        "kv_channels": _head_dim(c),
+        "kv_channels": head_dim(c),
         "layernorm_epsilon": float(c.rms_norm_eps),
         "add_qkv_bias": bool(mapping.qkv_bias),
         "qk_layernorm": bool(mapping.qk_norm),
@@ -162,7 +144,7 @@ def check_megatron_config(hf_config, model) -> None:
         if float(getattr(gpt, "rotary_base", rope_theta(c))) != rope_theta(c):
             problems.append(f"rotary_base={gpt.rotary_base}, HF rope_theta={rope_theta(c)}")
     elif rotary is not None:
-        dim = _head_dim(c)
+        dim = head_dim(c)
         inv_freq = 1.0 / (rope_theta(c) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         if rotary.inv_freq.shape != inv_freq.shape or not torch.allclose(
                 rotary.inv_freq.float().cpu(), inv_freq, rtol=1e-6, atol=0):

@@ -115,11 +115,13 @@ def random_tokens(vocab_size: int, batch: int, seq: int, seed: int) -> torch.Ten
     return torch.randint(0, vocab_size, (batch, seq), generator=generator)
 
 
-def verify_logits(hf_dir: str, megatron_dir: str | None = None, *, tp: int = 1, pp: int = 1,
+def verify_logits(hf_dir: str, megatron_dir: str | None = None, *, hf_config_dir: str | None = None,
+                  tp: int = 1, pp: int = 1,
                   ep: int = 1, etp: int | None = None, batch: int = 2, seq: int = 32,
                   seed: int = 0, dtype: torch.dtype = torch.float32,
                   max_abs_tolerance: float = 1e-4, min_cosine: float = 0.9999) -> LogitsReport:
-    """Collective under torchrun; every rank returns the same report."""
+    """Collective under torchrun; every rank returns the same report. ``hf_config_dir``: the
+    config of a ``megatron_dir`` that carries none (a trainer checkpoint: ``<output_dir>/hf``)."""
     from gmpo_megatron.convert.hf_to_megatron import _ensure_process_group
     from gmpo_megatron.megatron.model_builder import build_model
     from gmpo_megatron.megatron.parallel import destroy_distributed, init_distributed
@@ -128,9 +130,9 @@ def verify_logits(hf_dir: str, megatron_dir: str | None = None, *, tp: int = 1, 
     hf_config = load_hf_config(hf_dir)
     check_hf_config(hf_config)
     if megatron_dir is not None:
-        info = checkpoint_info(megatron_dir)
+        info = checkpoint_info(megatron_dir, hf_config_dir)
         compare_hf_configs(hf_config, info.hf_config, f"--hf-dir {hf_dir}",
-                           f"the config stored in {megatron_dir}")
+                           f"the config of {megatron_dir}")
     if seq % tp:
         raise ConversionError(f"--seq-len {seq} must be divisible by --tp {tp} (sequence parallel)")
     tokens = random_tokens(hf_config.vocab_size, batch, seq, seed)
@@ -215,7 +217,8 @@ def _compare(report: WeightsReport, name: str, ref: torch.Tensor, got: torch.Ten
 
 
 def verify_weights(hf_dir: str, *, other_hf_dir: str | None = None,
-                   megatron_dir: str | None = None, atol: float = 0.0) -> WeightsReport:
+                   megatron_dir: str | None = None, hf_config_dir: str | None = None,
+                   atol: float = 0.0) -> WeightsReport:
     """Compare ``hf_dir`` with ``other_hf_dir`` or ``megatron_dir`` tensor by tensor (streaming)."""
     if (other_hf_dir is None) == (megatron_dir is None):
         raise ConversionError("weights mode compares --hf-dir with exactly one of --other-hf-dir, "
@@ -230,7 +233,7 @@ def verify_weights(hf_dir: str, *, other_hf_dir: str | None = None,
             with open_hf_checkpoint(other_hf_dir) as other:
                 _compare_hf(report, ref, other, atol)
         else:
-            _compare_megatron(report, ref, megatron_dir, mapping, hf_config, atol)
+            _compare_megatron(report, ref, megatron_dir, mapping, hf_config, atol, hf_config_dir)
     return report
 
 
@@ -263,13 +266,13 @@ def _compare_hf(report: WeightsReport, ref, other, atol: float) -> None:
 
 
 def _compare_megatron(report: WeightsReport, ref, megatron_dir: str, mapping, hf_config,
-                      atol: float) -> None:
+                      atol: float, hf_config_dir: str | None) -> None:
     from gmpo_megatron.convert.megatron_to_hf import stream_megatron_tensors
     from gmpo_megatron.convert.torch_dist_reader import TorchDistCheckpoint
     from gmpo_megatron.convert.validate import check_megatron_tensors
 
-    info = checkpoint_info(megatron_dir)
-    compare_hf_configs(hf_config, info.hf_config, "--hf-dir", f"the config in {megatron_dir}")
+    info = checkpoint_info(megatron_dir, hf_config_dir)
+    compare_hf_configs(hf_config, info.hf_config, "--hf-dir", f"the config of {megatron_dir}")
     reader = TorchDistCheckpoint(info.directory, vocab_size=hf_config.vocab_size)
     check_megatron_tensors(reader.shapes(), mapping, info.directory)
     for megatron_name, full in stream_megatron_tensors(reader, mapping):

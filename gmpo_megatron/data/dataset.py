@@ -25,7 +25,8 @@ resume exactly by passing a batch's `end_position` as `start_index`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,7 @@ class PromptDataset:
     ground_truths: list[str]
     data_sources: list[str]
     extra_infos: list[dict[str, Any]] = field(repr=False)
+    _warned_small: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -88,6 +90,14 @@ class PromptDataset:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{name}={value!r}; it must be an integer >= {minimum}")
         num_rows = len(self)
+        if batch_size > num_rows and not self._warned_small:
+            self._warned_small = True  # once per dataset, not once per step
+            warnings.warn(
+                f"a batch of {batch_size} prompts (rollout.prompts_per_step) is larger than the "
+                f"dataset's {num_rows} rows, so every batch repeats rows; add rows (data.num_rows, "
+                f"more data.train_files) or lower rollout.prompts_per_step to {num_rows} or less",
+                stacklevel=2,
+            )
         position, order_epoch, order = int(start_index), -1, None
         while True:
             start_position, indices = position, []
@@ -120,6 +130,7 @@ class _RowRules:
     answer_key: str | None
     data_source_key: str
     add_special_tokens: bool
+    check_ground_truth: Callable[[str], Any] | None
 
 
 def load_prompt_dataset(
@@ -132,16 +143,20 @@ def load_prompt_dataset(
     data_source_key: str = "data_source",
     add_special_tokens: bool = False,
     cache_dir: str | None = None,
+    check_ground_truth: Callable[[str], Any] | None = None,
 ) -> PromptDataset:
     """Loads, validates and tokenizes local parquet (`.parquet`) / jsonl (`.jsonl`, `.json`) files
     through HF `datasets` (see the module doc for layouts). `data_source` defaults to the file's
-    stem when the row has none. Raises DatasetError on the first malformed row."""
+    stem when the row has none. `check_ground_truth` is the reward's ground-truth parser
+    (`rewards.ground_truth_check`), run on every distinct ground truth: a ValueError from it
+    refuses the row. Raises DatasetError on the first malformed row."""
     if not isinstance(max_prompt_length, int) or max_prompt_length < 1:
         raise ValueError(f"max_prompt_length={max_prompt_length!r}; it must be an integer >= 1")
     paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
     if not paths:
         raise DatasetError("no dataset files given; pass a .parquet or .jsonl path (or a list of them)")
-    rules = _RowRules(tokenizer, max_prompt_length, prompt_key, answer_key, data_source_key, add_special_tokens)
+    rules = _RowRules(tokenizer, max_prompt_length, prompt_key, answer_key, data_source_key, add_special_tokens,
+                      check_ground_truth)
     dataset = PromptDataset([], [], [], [])
     for path in paths:
         _load_file(os.fspath(path), rules, dataset, cache_dir)
@@ -159,17 +174,70 @@ def _read_columns(path: str, cache_dir: str | None) -> dict[str, list]:
         raise DatasetError(f"{path}: unsupported file type; use .parquet, .jsonl or .json")
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: no such file; check the path (local files only, no hub names)")
+    _check_readable(path, builder)
     try:
         table = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
-    except Exception as error:  # pyarrow schema clashes, broken json, ...
+    except Exception as error:  # what is left after _check_readable: pyarrow schema clashes
+        hint = "a jsonl column must hold the same type in every row" if builder == "json" else "rewrite the file"
+        cause = error.__cause__ or error  # DatasetGenerationError says only "an error occurred"
         raise DatasetError(
-            f"{path}: HF datasets could not read the file ({type(error).__name__}: {error}); "
-            f"a jsonl column must hold the same type in every row"
+            f"{path}: HF datasets could not read the file ({type(cause).__name__}: {cause}); {hint}"
         ) from error
     values = table.to_dict()
     if builder == "json":
         _restore_mixed_type_columns(path, table, values)
     return values
+
+
+def _check_readable(path: str, builder: str) -> None:
+    """The file problems HF datasets reports badly (a StopIteration, a generic
+    DatasetGenerationError), as one line naming the file and, for JSON, the line."""
+    if os.path.getsize(path) == 0:
+        raise DatasetError(f"{path}: the file is empty (0 bytes); write rows into it or drop it from "
+                           "data.train_files")
+    if builder == "parquet":
+        import pyarrow
+        import pyarrow.parquet as pq
+
+        try:
+            num_rows = pq.ParquetFile(path).metadata.num_rows
+        except (pyarrow.ArrowException, OSError) as error:
+            raise DatasetError(f"{path}: not a parquet file ({error}); rewrite it with pyarrow or pandas") from None
+        if num_rows == 0:
+            raise DatasetError(f"{path}: the parquet file has 0 rows; write rows into it or drop it from "
+                               "data.train_files")
+        return
+    import json
+
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    if text.lstrip().startswith("["):  # a .json file may hold one array of rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{path}: line {error.lineno} is not valid JSON ({error.msg}); "
+                               "write one JSON array of objects, or one JSON object per line") from None
+        numbered = enumerate(rows, start=1)
+        where = "element"
+    else:
+        numbered, where = [], "line"
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    numbered.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise DatasetError(f"{path}: line {number} is not valid JSON ({error.msg} at column "
+                                       f"{error.colno}); write one JSON object per line") from None
+    count = 0
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            kinds = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+            kind = kinds.get(type(row), "null")
+            raise DatasetError(f"{path}: {where} {number} is a JSON {kind}, not an object; write each row as "
+                               '{"prompt": ..., "ground_truth": ...}')
+        count += 1
+    if count == 0:
+        raise DatasetError(f"{path}: the file holds no rows; write one JSON object per line")
 
 
 def _load_file(path: str, rules: _RowRules, dataset: PromptDataset, cache_dir: str | None) -> None:
@@ -187,6 +255,8 @@ def _load_file(path: str, rules: _RowRules, dataset: PromptDataset, cache_dir: s
     data_sources, extra_infos = values.get(rules.data_source_key), values.get("extra_info")
     default_data_source = os.path.splitext(os.path.basename(path))[0]
     tokenizer = rules.tokenizer
+    checked: set[str] = set()  # datasets repeat answers; each distinct one is parsed once
+    truth_column = "reward_model.ground_truth" if ground_truth_column == "reward_model" else ground_truth_column
 
     for row in range(len(prompts)):
         text, is_chat_template = _prompt_text(
@@ -205,6 +275,13 @@ def _load_file(path: str, rules: _RowRules, dataset: PromptDataset, cache_dir: s
                  f"(they encode to {tokenizer.unk_token!r})",
                  "remove them or use a tokenizer that covers them")
         ground_truth = ground_truth_of(row, ground_truths[row])
+        if rules.check_ground_truth is not None and ground_truth not in checked:
+            try:
+                rules.check_ground_truth(ground_truth)
+            except ValueError as error:
+                fail(row, truth_column, f"the reward cannot use it: {error}",
+                     "fix or drop the row, or set reward.fn to the reward this data is for")
+            checked.add(ground_truth)
 
         data_source = default_data_source
         if data_sources is not None and data_sources[row] is not None:

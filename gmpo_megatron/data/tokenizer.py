@@ -81,3 +81,15 @@ def build_task_tokenizer(out_dir: str | None = None) -> PreTrainedTokenizerFast:
     if out_dir is not None:
         tokenizer.save_pretrained(out_dir)
     return tokenizer
+
+
+SPECIAL_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The tokenizer's bos / eos / pad ids under their HF config names (those it defines).
+
+    A model config.json needs them: `generate()` stops at `eos_token_id`, and without it an
+    exported model never stops early."""
+    ids = {key: getattr(tokenizer, key, None) for key in SPECIAL_TOKEN_ID_KEYS}
+    return {key: value for key, value in ids.items() if value is not None}

@@ -1,6 +1,6 @@
 """Megatron-Core 0.16.1 on a CPU-only torch, with the gloo backend.
 
-Megatron-Core assumes CUDA in a few dozen places (REFERENCE.md §2 lists them). This module is the
+Megatron-Core assumes CUDA in a few dozen places (tests/megatron/test_cpu_compat.py has one test per place it bridges). This module is the
 one place that bridges them, and it does so only when ``torch.cuda.is_available()`` is False: on a
 GPU machine ``apply()`` applies only the upstream bug fixes (``upstream_fixes.py``), which are
 needed whenever Transformer-Engine / Apex are absent (see patches/README.md).
@@ -61,6 +61,7 @@ _MEGATRON_MODULES = (
     "megatron.core.models.gpt.gpt_model",
     "megatron.core.models.common.language_module.language_module",
     "megatron.core.models.common.embeddings.language_model_embedding",
+    "megatron.core.models.common.embeddings.rope_utils",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
@@ -93,6 +94,9 @@ _SOURCE_REWRITES = (
      _DOT_CUDA),
     ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_broadcast",
      _DOT_CUDA),
+    # context parallel: the rank's rotary chunks are indexed with a pinned tensor moved to CUDA
+    ("megatron.core.models.common.embeddings.rope_utils", "get_pos_emb_on_this_cp_rank",
+     [('device="cpu", pin_memory=True\n    ).cuda(non_blocking=True)', "device=pos_emb.device)")]),
 )
 
 
@@ -354,17 +358,19 @@ def apply() -> bool:
     global _applied
     import megatron.core
 
+    apply_upstream_fixes()
+    if not cuda_absent():
+        return False  # nothing of the CPU layer applies, so any megatron-core version is fine
+    # the proxy, rewrites and RNG patch are written against this version's source
     version = getattr(megatron.core, "__version__", None)
     if version is not None and version != SUPPORTED_MEGATRON_VERSION:
         raise RuntimeError(
-            f"gmpo_megatron needs megatron-core=={SUPPORTED_MEGATRON_VERSION}, found {version}: "
-            f"pip install megatron-core=={SUPPORTED_MEGATRON_VERSION}"
+            f"running Megatron-Core on a CPU-only torch needs megatron-core=={SUPPORTED_MEGATRON_VERSION}, "
+            f"found {version}: pip install megatron-core=={SUPPORTED_MEGATRON_VERSION} (on a CUDA "
+            "machine any version works: this layer does not apply there)"
         )
-    for name in _MEGATRON_MODULES:
+    for name in _MEGATRON_MODULES:  # the modules the proxy must reach
         importlib.import_module(name)
-    apply_upstream_fixes()
-    if not cuda_absent():
-        return False
     _install_proxy()
     if not _applied:
         _apply_source_rewrites()

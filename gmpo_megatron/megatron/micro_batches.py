@@ -1,4 +1,5 @@
-"""Rollout samples -> Megatron micro-batches: padded or packed, planned across data-parallel ranks.
+"""Rollout samples (a ``RolloutBatch``) -> Megatron micro-batches: padded or packed, planned across
+data-parallel ranks.
 
 Two layouts of the *model input*, one layout of the *loss input*:
 
@@ -25,26 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-
-@dataclass
-class Sample:
-    """One rollout as the trainer keeps it (token ids are python ints; rank-independent)."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    rollout_log_probs: list[float]
-    reward: float
-    advantage: float
-    group: int
-    finish_reason: str
-    old_log_probs: list[float] | None = None  # set by the old-log-prob pass (last PP stage)
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.response_ids)
+from gmpo_megatron.rollout.batch import RolloutBatch, exclusive_cumsum
 
 
 @dataclass
@@ -60,6 +46,11 @@ class MicroBatch:
     old_log_prob, rollout_log_prob [B, R]
     advantages             [B]
     spans                  (row, start, length) of each sequence in ``tokens`` (routing replay)
+    cp                     None, or this context-parallel rank's part (``cp_batches.CPShard``):
+                           tokens, position_ids, attention_mask and logit_index are then the
+                           rank's [b, S/CP] part; spans and the loss tensors stay unsplit
+    packed_seq_params      THD boundaries for Transformer-Engine attention (packed_seq.py; None:
+                           the mask above)
     """
 
     tokens: torch.Tensor
@@ -73,87 +64,98 @@ class MicroBatch:
     advantages: torch.Tensor
     sample_indices: list[int]
     spans: list[tuple[int, int, int]]
+    cp: Any = None  # cp_batches.CPShard under context parallelism
+    packed_seq_params: Any = None
+
+    @property
+    def seq_len(self) -> int:
+        """The unsplit row length (the one spans and routes refer to)."""
+        return self.cp.seq_len if self.cp is not None else int(self.tokens.shape[1])
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
 
 
-def _loss_inputs(chosen: Sequence[Sample], starts: list[int]):
-    """[B, R] loss tensors; ``starts[i]`` is sequence i's first flat position in the model input."""
-    b = len(chosen)
-    r = max(len(s.response_ids) for s in chosen)
+def _loss_inputs(batch: RolloutBatch, rows: torch.Tensor, starts: Sequence[int]):
+    """[B, R] loss tensors; ``starts[i]`` is sequence i's first flat position in the model input.
+    Row i holds sample i's response (left-aligned, zeros after): slice copies from the batch."""
+    prompts, responses = batch.prompt_lengths[rows].tolist(), batch.response_lengths[rows].tolist()
+    token_starts, response_starts = batch.token_starts[rows].tolist(), batch.response_starts[rows].tolist()
+    b, r = len(responses), max(responses)
     logit_index = torch.zeros((b, r), dtype=torch.long)
     targets = torch.zeros((b, r), dtype=torch.long)
     mask = torch.zeros((b, r), dtype=torch.bool)
     old = torch.zeros((b, r), dtype=torch.float32)
     rollout = torch.zeros((b, r), dtype=torch.float32)
-    for i, (s, start) in enumerate(zip(chosen, starts)):
-        n = len(s.response_ids)
-        # response token j sits at position p + j and is predicted from position p + j - 1
-        logit_index[i, :n] = torch.arange(n) + start + len(s.prompt_ids) - 1
-        targets[i, :n] = torch.tensor(s.response_ids)
+    steps = torch.arange(r)
+    for i, (p, n, token, response, start) in enumerate(zip(prompts, responses, token_starts, response_starts, starts)):
         mask[i, :n] = True
-        rollout[i, :n] = torch.tensor(s.rollout_log_probs, dtype=torch.float32)
-        if s.old_log_probs is not None:
-            old[i, :n] = torch.tensor(s.old_log_probs, dtype=torch.float32)
+        # response token j sits at position start + p + j and is predicted from the one before
+        torch.add(steps[:n], start + p - 1, out=logit_index[i, :n])
+        targets[i, :n] = batch.tokens[token + p:token + p + n]
+        rollout[i, :n] = batch.rollout_log_probs[response:response + n]
+        if batch.old_log_probs is not None:
+            old[i, :n] = batch.old_log_probs[response:response + n]
     return logit_index, targets, mask, old, rollout
 
 
-def model_input_shape(samples: Sequence[Sample], indices: Sequence[int], seq_multiple: int,
+def model_input_shape(lengths: torch.Tensor, indices: Sequence[int], seq_multiple: int,
                       packed: bool) -> tuple[int, int]:
-    """``(rows, sequence length)`` of the model input that ``build_micro_batch`` makes."""
+    """``(rows, sequence length)`` of the model input that ``build_micro_batch`` makes from the
+    samples ``indices``; ``lengths [N]``: every sample's prompt + response length."""
     round_up = lambda n: -(-n // seq_multiple) * seq_multiple  # noqa: E731
+    chosen = lengths[torch.as_tensor(list(indices), dtype=torch.long)]
     if packed:
-        return 1, round_up(sum(samples[i].length for i in indices))
-    return len(indices), round_up(max(samples[i].length for i in indices))
+        return 1, round_up(int(chosen.sum()))
+    return len(indices), round_up(int(chosen.max()))
 
 
-def build_micro_batch(samples: Sequence[Sample], indices: Sequence[int], *, pad_id: int,
+def build_micro_batch(batch: RolloutBatch, indices: Sequence[int], *, pad_id: int,
                       seq_multiple: int, device: torch.device, packed: bool,
                       min_shape: tuple[int, int] = (0, 0)) -> MicroBatch:
-    """``samples[indices]`` as one micro-batch; the model's sequence length is padded to a
-    multiple of ``seq_multiple`` (the TP size under sequence parallelism). ``min_shape`` pads the
-    model input to at least that many rows (padded layout) and tokens per row: the allgather MoE
-    dispatcher needs the same token count on every expert-parallel rank."""
-    chosen = [samples[i] for i in indices]
-    if not chosen:
+    """Samples ``indices`` (global sample numbers, all held by ``batch``) as one micro-batch; the
+    model's sequence length is padded to a multiple of ``seq_multiple`` (the TP size under
+    sequence parallelism). ``min_shape`` pads the model input to at least that many rows (padded
+    layout) and tokens per row: the allgather MoE dispatcher needs the same token count on every
+    expert-parallel rank."""
+    if not len(indices):
         raise ValueError("a micro-batch needs at least one sequence")
-    rows, seq = model_input_shape(samples, indices, seq_multiple, packed)
-    rows, seq = max(rows, min_shape[0]), max(seq, min_shape[1])
+    rows = batch.rows(indices)
+    lengths, token_starts = batch.lengths[rows].tolist(), batch.token_starts[rows].tolist()
+    n_rows, seq = model_input_shape(batch.lengths, rows.tolist(), seq_multiple, packed)  # by row of this batch
+    n_rows, seq = max(n_rows, min_shape[0]), max(seq, min_shape[1])
     if packed:
-        if rows != 1:
-            raise ValueError(f"a packed micro-batch has one row, min_shape asks for {rows}")
-        total = seq
+        if n_rows != 1:
+            raise ValueError(f"a packed micro-batch has one row, min_shape asks for {n_rows}")
+        total, used = seq, sum(lengths)
+        starts = exclusive_cumsum(torch.tensor(lengths)).tolist()
         tokens = torch.full((1, total), pad_id, dtype=torch.long)
         positions = torch.zeros((1, total), dtype=torch.long)
-        segment = torch.full((total,), -1, dtype=torch.long)  # -1: tail padding
-        starts, offset = [], 0
-        for i, s in enumerate(chosen):
-            tokens[0, offset:offset + s.length] = torch.tensor(s.prompt_ids + s.response_ids)
-            positions[0, offset:offset + s.length] = torch.arange(s.length)
-            segment[offset:offset + s.length] = i
-            starts.append(offset)
-            offset += s.length
-        pad = segment < 0
-        segment[pad] = -1 - torch.arange(int(pad.sum()))  # each pad token its own segment
+        segment = torch.empty(total, dtype=torch.long)
+        steps = torch.arange(max(lengths))
+        for i, (start, n, token) in enumerate(zip(starts, lengths, token_starts)):
+            tokens[0, start:start + n] = batch.tokens[token:token + n]
+            positions[0, start:start + n] = steps[:n]
+            segment[start:start + n] = i
+        segment[used:] = -1 - torch.arange(total - used)  # tail padding: one segment per token
         causal = torch.ones((total, total), dtype=torch.bool).tril()
         visible = causal & (segment[:, None] == segment[None, :])
         attention_mask = (~visible)[None, None]
+        spans = [(0, start, n) for start, n in zip(starts, lengths)]
     else:  # extra rows (min_shape) hold only padding and feed no loss
-        tokens = torch.full((rows, seq), pad_id, dtype=torch.long)
-        for row, s in enumerate(chosen):
-            tokens[row, :s.length] = torch.tensor(s.prompt_ids + s.response_ids)
-        positions = torch.arange(seq).unsqueeze(0).expand(rows, -1).contiguous()
-        starts = [row * seq for row in range(len(chosen))]
+        tokens = torch.full((n_rows, seq), pad_id, dtype=torch.long)
+        for row, (n, token) in enumerate(zip(lengths, token_starts)):
+            tokens[row, :n] = batch.tokens[token:token + n]
+        positions = torch.arange(seq).unsqueeze(0).expand(n_rows, -1).contiguous()
+        starts = [row * seq for row in range(len(indices))]
         attention_mask = None
-    logit_index, targets, mask, old, rollout = _loss_inputs(chosen, starts)
-    spans = [(0, start, sm.length) if packed else (row, 0, sm.length)
-             for row, (sm, start) in enumerate(zip(chosen, starts))]
-    advantages = torch.tensor([s.advantage for s in chosen], dtype=torch.float32)
+        spans = [(row, 0, n) for row, n in enumerate(lengths)]
+    logit_index, targets, mask, old, rollout = _loss_inputs(batch, rows, starts)
+    advantages = batch.advantages[rows].to(torch.float32)
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return MicroBatch(to(tokens), to(positions), to(attention_mask), to(logit_index), to(targets),
-                      to(mask), to(old), to(rollout), to(advantages), list(indices), spans)
+                      to(mask), to(old), to(rollout), to(advantages), [int(i) for i in indices], spans)
 
 
 def split_evenly(items: Sequence[int], parts: int) -> list[list[int]]:
@@ -235,3 +237,10 @@ def plan_packed_micro_batches(lengths: dict[int, int], indices: Sequence[int], d
             bins.append(bins[fullest][half:])
             bins[fullest] = bins[fullest][:half]
     return [sorted(b) for b in plans[dp_rank]]
+
+
+def sequence_multiple(tp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What every micro-batch row's length is padded to a multiple of: the TP size under sequence
+    parallelism (the sequence is split over TP ranks), times 16 with FP8, whose GEMMs need the
+    token count of each rank's shard divisible by 8 and 16 (Transformer-Engine's FP8 rule)."""
+    return (tp if sequence_parallel else 1) * (16 if fp8 else 1)

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from gmpo_megatron.megatron import cpu_compat
-from gmpo_megatron.models import get_mapping
-
-_SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen3", "qwen2")
+from gmpo_megatron.megatron.recompute import check_stage_layers, recompute_fields
+from gmpo_megatron.models import MAPPINGS, get_mapping
+from gmpo_megatron.models.hf_config import head_dim as hf_head_dim
+from gmpo_megatron.models.hf_config import moe_layer_pattern, rope_theta
 
 
 @dataclass
@@ -38,7 +39,10 @@ class BuildOptions:
     moe_aux_loss_coeff: float = 0.0
     moe_z_loss_coeff: float | None = None
     moe_router_dtype: str = "fp32"
-    recompute: bool = False
+    recompute: str = "none"  # "none" | "selective" | "full" (megatron/recompute.py)
+    recompute_method: str | None = None  # full: "uniform" (default) | "block"
+    recompute_num_layers: int | None = None  # full: chunk size (uniform, default 1) / layers per stage (block)
+    recompute_modules: list[str] | None = None  # selective: default ["core_attn"]
     use_te: bool | None = None  # None: TE spec exactly when TE imports and CUDA is present
     meta_device: bool = False
     """Build on ``torch.device("meta")``: shapes only, no memory (parameter counts and checkpoint
@@ -70,45 +74,17 @@ def te_available() -> bool:
     return True
 
 
-def rope_theta(hf_config) -> float:
-    """Rope base from the config: transformers 5 keeps it in ``rope_parameters``."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    scaling = getattr(hf_config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type")) or scaling.get("rope_type") or "default"
-    if rope_type != "default":
-        raise ValueError(
-            f"rope type {rope_type!r} is not supported yet (only the default rotary embedding, as in "
-            "Qwen3 / Qwen2.5 base configs): remove rope scaling from the config"
-        )
-    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
-    if theta is None:
-        raise ValueError("the HF config has no rope_theta (neither top level nor rope_parameters)")
-    return float(theta)
-
-
-def moe_layer_pattern(hf_config) -> list[bool]:
-    """Which layers are MoE, by the HF rule (``decoder_sparse_step`` and ``mlp_only_layers``)."""
-    num_layers = hf_config.num_hidden_layers
-    if not getattr(hf_config, "num_experts", None):
-        return [False] * num_layers
-    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
-    dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
-    return [(i not in dense) and ((i + 1) % step == 0) for i in range(num_layers)]
-
-
 def transformer_config(hf_config, opts: BuildOptions):
     """The Megatron ``TransformerConfig`` equivalent to ``hf_config`` under ``opts``."""
     from megatron.core.transformer import TransformerConfig
 
     model_type = hf_config.model_type
-    if model_type not in _SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model_type {model_type!r} is not supported; supported: {list(_SUPPORTED_MODEL_TYPES)}"
-        )
+    if model_type not in MAPPINGS:
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: {sorted(MAPPINGS)}")
     if getattr(hf_config, "shared_expert_intermediate_size", 0):
         raise ValueError("shared experts (Qwen2-MoE) are not supported; Qwen3-MoE has none")
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    head_dim = hf_head_dim(hf_config)
     is_moe = any(moe_layer_pattern(hf_config))
     tp, etp = opts.tp, (opts.tp if opts.etp is None else opts.etp)
     _validate_layout(hf_config, opts, heads, groups, is_moe)
@@ -162,10 +138,10 @@ def transformer_config(hf_config, opts: BuildOptions):
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        recompute_granularity="full" if opts.recompute else None,
-        recompute_method="uniform" if opts.recompute else None,
-        recompute_num_layers=1 if opts.recompute else None,
     )
+    kwargs.update(recompute_fields(
+        opts.recompute, opts.recompute_method, opts.recompute_num_layers, opts.recompute_modules,
+        moe_layers=moe_layer_pattern(hf_config), grouped_gemm=is_moe and _use_te(opts)))
     if is_moe:
         pattern = moe_layer_pattern(hf_config)
         kwargs.update(
@@ -188,7 +164,9 @@ def transformer_config(hf_config, opts: BuildOptions):
     if opts.meta_device:  # see BuildOptions.meta_device
         kwargs.update(use_cpu_initialization=True, perform_initialization=False)
     kwargs.update(opts.extra)
-    return TransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    check_stage_layers(config)
+    return config
 
 
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -200,7 +178,8 @@ def fp8_settings(opts: BuildOptions) -> dict[str, Any]:
 
     FP8 GEMMs keep bf16 parameters with fp32 master weights in the optimizer, so fp32 params are
     refused. Blockwise scaling on Hopper needs ``NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1``
-    (REFERENCE.md §5), set here unless the user set it."""
+    (Transformer-Engine reads it; slime's Hopper blockwise recipes set it too), set here unless
+    the user set it."""
     if opts.fp8 is None:
         return {}
     if opts.fp8 not in FP8_FORMATS or opts.fp8_recipe not in FP8_RECIPES:
@@ -244,11 +223,6 @@ def _validate_layout(hf_config, opts: BuildOptions, heads: int, groups: int, is_
         problems.append(f"parallel.ep={opts.ep} but the model has no experts: set parallel.ep=1")
     if hf_config.num_hidden_layers < opts.pp:
         problems.append(f"{hf_config.num_hidden_layers} layers cannot fill parallel.pp={opts.pp} stages")
-    if opts.cp > 1 and not te_available():
-        problems.append(
-            "parallel.cp > 1 needs Transformer-Engine attention (megatron-core's local attention "
-            "asserts context_parallel_size == 1): run on GPU with the 'gpu' extra, or set parallel.cp=1"
-        )
     if is_moe and opts.moe_dispatcher == "allgather" and opts.pp > 1:
         problems.append(
             "the allgather MoE dispatcher does not support variable sequence lengths, which "
@@ -261,7 +235,8 @@ def _validate_layout(hf_config, opts: BuildOptions, heads: int, groups: int, is_
 
 
 def layer_spec(config, use_te: bool, is_moe_layer: bool):
-    """The ModuleSpec of one transformer layer: TE when asked, local with torch norms otherwise."""
+    """The ModuleSpec of one transformer layer: TE when asked, local with torch norms otherwise
+    (and, under context parallelism, the local spec's CP attention: ``cp_attention.py``)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     num_experts = config.num_moe_experts if is_moe_layer else None
@@ -274,6 +249,11 @@ def layer_spec(config, use_te: bool, is_moe_layer: bool):
         num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm,
         normalization="RMSNorm",
     )
+    if config.context_parallel_size > 1:
+        # Megatron's local DotProductAttention refuses CP; TE's does CP itself (above)
+        from gmpo_megatron.megatron.cp_attention import ContextParallelDotProductAttention
+
+        spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
     return _with_torch_norms(spec)
 
 

@@ -38,6 +38,9 @@ class Layout:
         return self.pp_rank == self.pp - 1
 
 
+_GROUPS_OF = None  # (the default process group, the sizes) Megatron's groups were made for
+
+
 def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, cp: int = 1,
                      seed: int = 0, timeout_minutes: int = 30) -> Layout:
     """Initialise torch.distributed (if needed) and Megatron's model-parallel groups."""
@@ -72,6 +75,14 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = No
             f"(expert tensor parallel; it defaults to tp={tp}) so that etp*ep*pp divides {world}, "
             "e.g. parallel.etp=1"
         )
+    global _GROUPS_OF
+    sizes = (tp, pp, cp, ep, etp)
+    if ps.model_parallel_is_initialized() and _GROUPS_OF == (dist.group.WORLD, sizes):
+        # the same layout again (a converter or a test in a process that already has it): keep
+        # the groups; re-creating them would leave the old ones' gloo threads running (Megatron's
+        # destroy_model_parallel forgets groups, it does not destroy them)
+        model_parallel_cuda_manual_seed(seed)
+        return current_layout()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -81,6 +92,7 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = No
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
     )
+    _GROUPS_OF = (dist.group.WORLD, sizes)
     model_parallel_cuda_manual_seed(seed)
     cpu_compat.apply()  # point megatron modules imported by initialisation at the CPU proxy
     return current_layout()

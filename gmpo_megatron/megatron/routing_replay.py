@@ -3,7 +3,8 @@ update passes) and R3 (replay the rollout engine's experts).
 
 Why. Between the old-log-prob pass and an update pass the router weights move (and in R3 the
 engine's kernels differ), so a token may be sent to different experts: the policy ratio then
-compares two different sub-networks and MoE RL training collapses (REFERENCE.md §7). Replay keeps
+compares two different sub-networks and MoE RL training collapses (GSPO, arXiv 2507.18071: GRPO
+on Qwen3-30B-A3B converges only with Routing Replay; R3, arXiv 2510.11370). Replay keeps
 the *set* of experts per token fixed; the router still computes its logits with the current
 weights, so the gate probabilities are the current ones over the replayed experts and the router
 keeps its gradient.
@@ -20,7 +21,7 @@ parallelism each stage holds only its own layers.
 Keys. A ``key`` (any hashable) names one micro-batch's token set as this rank's routers see it.
 The old-log-prob and update passes batch sequences differently (other micro-batches, other
 padding or packing, other DP ranks), so R2 goes through per-sequence routes (``sequence_routes``,
-then ``sequence_routes.all_gather_sequence_routes`` across data-parallel ranks, then
+then ``step_data.exchange_sequence_routes`` to the data-parallel ranks that train on them, then
 ``set_sequence_routes`` in the update micro-batch; positions without a route route freshly). R3
 routes from a rollout engine are per-sequence routes too. Layouts: ``sequence_routes.py``.
 
@@ -342,15 +343,20 @@ class RoutingReplay:
 
     # -- per-sequence routes (R2 across micro-batch layouts, R3; see sequence_routes.py) -------
     def sequence_routes(self, key: Hashable, spans: Sequence[Span], shape: tuple[int, int],
-                        tp_group=None) -> list[Routes]:
+                        tp_group=None, cp_group=None) -> list[Routes]:
         """``key``'s routes split into one ``{layer: [n, top_k]}`` per sequence (``split_routes``;
-        under sequence parallelism a collective over ``tp_group``)."""
-        return split_routes(self.routes(key), spans, shape, tp_group, name=f"key {key!r}")
+        under sequence / context parallelism a collective over ``tp_group`` / ``cp_group``;
+        ``shape`` is the unsplit micro-batch's)."""
+        return split_routes(self.routes(key), spans, shape, tp_group, name=f"key {key!r}",
+                            cp_group=cp_group)
 
     def set_sequence_routes(self, key: Hashable, sequences: Sequence[Routes], spans: Sequence[Span],
-                            shape: tuple[int, int], tp_rank: int = 0, tp_size: int = 1) -> None:
-        """Per-sequence routes laid out in a micro-batch (``lay_out_routes``) stored as ``key``'s
+                            shape: tuple[int, int], tp_rank: int = 0, tp_size: int = 1,
+                            cp_positions: torch.Tensor | None = None) -> None:
+        """Per-sequence routes laid out in a micro-batch (``lay_out_routes``; under context
+        parallelism at this rank's ``cp_positions`` of the unsplit ``shape``) stored as ``key``'s
         routes; positions without a route route freshly."""
         routes, fresh_rows = lay_out_routes(sequences, spans, shape, self.layers, self.top_k,
-                                            tp_rank, tp_size, name=f"key {key!r}")
+                                            tp_rank, tp_size, name=f"key {key!r}",
+                                            cp_positions=cp_positions)
         self.set_routes(key, routes, fresh_rows=fresh_rows)

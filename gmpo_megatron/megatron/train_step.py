@@ -23,7 +23,8 @@ import torch
 from gmpo_megatron.algo.logprobs import token_log_probs
 from gmpo_megatron.algo.metrics import Metrics
 from gmpo_megatron.algo.policy_loss import local_normalizer, loss_normalizer_kind, policy_loss
-from gmpo_megatron.megatron.micro_batches import MicroBatch, Sample
+from gmpo_megatron.megatron.micro_batches import MicroBatch
+from gmpo_megatron.rollout.batch import RolloutBatch
 
 
 @dataclass
@@ -44,7 +45,10 @@ def _tp_group():
 def _log_probs_of(output: torch.Tensor, batch: MicroBatch, temperature: float, with_entropy: bool):
     """Log-probs (and entropy) of the response tokens, ``[B, R]``, from the model output
     ``[b, S, V/TP]``: only the rows that predict a response token are gathered (padded or packed
-    layout alike), so prompt and padding positions cost no log-softmax."""
+    layout alike), so prompt and padding positions cost no log-softmax. Under context parallelism
+    (``[b, S/CP, V/TP]``) see ``_cp_log_probs_of``."""
+    if batch.cp is not None:
+        return _cp_log_probs_of(output, batch, temperature, with_entropy)
     flat = output.reshape(-1, output.shape[-1])
     logits = flat.index_select(0, batch.logit_index.reshape(-1))
     log_prob, entropy = token_log_probs(
@@ -53,6 +57,29 @@ def _log_probs_of(output: torch.Tensor, batch: MicroBatch, temperature: float, w
     )
     shape = batch.targets.shape
     return log_prob.view(shape), (entropy.view(shape) if entropy is not None else None)
+
+
+def _cp_log_probs_of(output: torch.Tensor, batch: MicroBatch, temperature: float, with_entropy: bool):
+    """``_log_probs_of`` on a context-parallel rank: the response tokens whose logits this rank
+    holds, merged with the other CP ranks' into the whole ``[B, R]`` on every CP rank (exact; the
+    backward keeps only this rank's own tokens: ``merge_disjoint_over_context_parallel``). Every
+    CP rank then computes the same, unsplit loss."""
+    from megatron.core import parallel_state as ps
+
+    from gmpo_megatron.algo.context_parallel import merge_disjoint_over_context_parallel
+
+    owned = batch.cp.logit_owned
+    flat = output.reshape(-1, output.shape[-1])
+    logits = flat.index_select(0, batch.logit_index[owned])
+    log_prob, entropy = token_log_probs(logits, batch.targets[owned], tp_group=_tp_group(),
+                                        temperature=temperature, with_entropy=with_entropy)
+    group = ps.get_context_parallel_group()
+
+    def merged(values):
+        part = values.new_zeros(owned.shape).masked_scatter(owned, values)
+        return merge_disjoint_over_context_parallel(part, group)
+
+    return merged(log_prob), (merged(entropy) if entropy is not None else None)
 
 
 def _policy_loss_func(settings: LossSettings, batch: MicroBatch, output: torch.Tensor):
@@ -78,6 +105,10 @@ def _policy_loss_func(settings: LossSettings, batch: MicroBatch, output: torch.T
         metrics.add_mean("entropy", token_entropy.sum(), mask.sum())
         count = local_normalizer(settings.mode, mask, **settings.options)
         metrics.add_mean("loss", loss.detach().to(torch.float64), count)
+        if batch.cp is not None and batch.cp.rank != 0:
+            # Every CP rank holds the whole loss; Megatron sums the counts over DP x CP ranks, so
+            # only CP rank 0 counts the micro-batch's sequences (tokens), once.
+            count = torch.zeros_like(count)
     return loss, count.to(torch.int), {"metrics": metrics}
 
 
@@ -91,7 +122,8 @@ def _old_log_prob_func(temperature: float, batch: MicroBatch, output: torch.Tens
 def _forward_step(loss_func, routing, data_iterator, model):
     batch: MicroBatch = next(data_iterator)
     with routing(batch):
-        output = model(batch.tokens, batch.position_ids, attention_mask=batch.attention_mask)
+        output = model(batch.tokens, batch.position_ids, attention_mask=batch.attention_mask,
+                       packed_seq_params=batch.packed_seq_params)
     return output, partial(loss_func, batch)
 
 
@@ -106,7 +138,7 @@ def run_schedule(model_chunks, batches: list[MicroBatch], loss_func, forward_onl
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     forward_backward = get_forward_backward_func()
-    seq = max(b.tokens.shape[1] for b in batches)
+    seq = max(b.seq_len for b in batches)  # unsplit: Megatron divides it by CP for pipeline p2p
     mbs = max(b.tokens.shape[0] for b in batches)
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     return forward_backward(
@@ -120,52 +152,71 @@ def run_schedule(model_chunks, batches: list[MicroBatch], loss_func, forward_onl
     )
 
 
-@torch.no_grad()
-def compute_old_log_probs(model_chunks, samples: list[Sample], batches: list[MicroBatch],
-                          temperature: float, replay=None) -> dict[int, dict] | None:
-    """Fill ``Sample.old_log_probs`` on the last pipeline stage (the only stage that reads them).
+def _replay_given_routes(replay, chunks, batches: list[MicroBatch], routes: dict[int, dict], tag: str):
+    """Lay per-sequence ``routes`` out in each micro-batch and return the routing context that
+    replays them (keys ``(tag, sample indices)``)."""
+    from megatron.core import parallel_state as ps
 
-    With ``replay`` (a RoutingReplay: R2), the routes of this pass are recorded and returned per
-    sample (``{sample index: {layer: [n, top_k]}}``, this stage's layers, every sample of the
-    batch on every DP rank) for the update passes to replay."""
+    sequence_parallel = chunks[0].config.sequence_parallel
+    tp_rank = ps.get_tensor_model_parallel_rank() if sequence_parallel else 0
+    tp_size = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+    for b in batches:
+        replay.set_sequence_routes((tag, tuple(b.sample_indices)), [routes[i] for i in b.sample_indices],
+                                   b.spans, (b.tokens.shape[0], b.seq_len), tp_rank, tp_size,
+                                   cp_positions=b.cp.positions if b.cp is not None else None)
+    return lambda b: replay.replay((tag, tuple(b.sample_indices)))
+
+
+@torch.no_grad()
+def compute_old_log_probs(model_chunks, batch: RolloutBatch, batches: list[MicroBatch],
+                          temperature: float, replay=None,
+                          engine_routes: dict[int, dict] | None = None) -> dict[int, dict] | None:
+    """Fill ``batch.old_log_probs`` for the samples of ``batches`` on the last pipeline stage
+    (the only stage that reads them); they stay on this rank (``step_data.exchange_old_log_probs``
+    hands them to the DP ranks whose update micro-batches need them).
+
+    With ``replay`` (a RoutingReplay) the routes of every pass are fixed per sample
+    (``{sample index: {layer: [n, top_k]}}``) and returned for the update passes to replay:
+    R2 records them in this pass (this stage's layers, this DP rank's samples:
+    ``step_data.exchange_sequence_routes`` completes them); R3 (``engine_routes``: the rollout
+    engine's routes) replays them here already."""
     from megatron.core import parallel_state as ps
 
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     for chunk in chunks:
         chunk.eval()
-    routing = _no_routing if replay is None else (
-        lambda b: replay.record(("old", tuple(b.sample_indices))))
-    outputs = run_schedule(model_chunks, batches, partial(_old_log_prob_func, temperature),
-                           forward_only=True, routing=routing)
+    if replay is None:
+        routing = _no_routing
+    elif engine_routes is not None:
+        routing = _replay_given_routes(replay, chunks, batches, engine_routes, "old")
+    else:
+        routing = lambda b: replay.record(("old", tuple(b.sample_indices)))  # noqa: E731
+    try:
+        outputs = run_schedule(model_chunks, batches, partial(_old_log_prob_func, temperature),
+                               forward_only=True, routing=routing)
+    finally:
+        if engine_routes is not None and replay is not None:
+            replay.clear()
     for chunk in chunks:
         chunk.train()
-    local: list[tuple[int, list[float]]] = []
-    for out in outputs or []:
-        log_prob, indices = out["log_prob"], out["indices"]
-        for row, index in enumerate(indices):
-            local.append((index, log_prob[row, :len(samples[index].response_ids)].tolist()))
-    # Each data-parallel rank scored its own share; the update's mini-batches are drawn from the
-    # whole batch, so every rank of the last stage needs every sample's old log-probs.
-    dp = ps.get_data_parallel_world_size()
-    if ps.is_pipeline_last_stage(ignore_virtual=True) and dp > 1:
-        shares: list = [None] * dp
-        torch.distributed.all_gather_object(shares, local, group=ps.get_data_parallel_group())
-        local = [item for share in shares for item in share]
-    for index, values in local:
-        samples[index].old_log_probs = values
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        if batch.old_log_probs is None:
+            batch.old_log_probs = torch.zeros(int(batch.response_lengths.sum()), dtype=torch.float32)
+        for out in outputs or []:
+            batch.store_old_log_probs(out["indices"], out["log_prob"])
     if replay is None:
         return None
-    from gmpo_megatron.megatron.sequence_routes import all_gather_sequence_routes
-
+    if engine_routes is not None:
+        return engine_routes
     routes: dict[int, dict] = {}
     sp_group = _tp_group() if chunks[0].config.sequence_parallel else None
+    cp_group = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
     for b in batches:
         key = ("old", tuple(b.sample_indices))
-        per_sequence = replay.sequence_routes(key, b.spans, tuple(b.tokens.shape), tp_group=sp_group)
+        per_sequence = replay.sequence_routes(key, b.spans, (b.tokens.shape[0], b.seq_len),
+                                              tp_group=sp_group, cp_group=cp_group)
         routes.update(zip(b.sample_indices, per_sequence))
     replay.clear()
-    if dp > 1:
-        routes = all_gather_sequence_routes(routes, ps.get_data_parallel_group())
     return routes
 
 
@@ -175,19 +226,10 @@ def train_on_batches(model_chunks, optimizer, batches: list[MicroBatch], setting
     ``replay`` and ``routes`` (from ``compute_old_log_probs``) every forward uses the recorded experts.
 
     Returns (metrics of this rank, reduced over DP later; grad norm; update successful)."""
-    from megatron.core import parallel_state as ps
-
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     routing = _no_routing
     if replay is not None:
-        sequence_parallel = chunks[0].config.sequence_parallel
-        tp_rank = ps.get_tensor_model_parallel_rank() if sequence_parallel else 0
-        tp_size = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
-        for b in batches:
-            replay.set_sequence_routes(("update", tuple(b.sample_indices)),
-                                       [routes[i] for i in b.sample_indices], b.spans,
-                                       tuple(b.tokens.shape), tp_rank, tp_size)
-        routing = lambda b: replay.replay(("update", tuple(b.sample_indices)))  # noqa: E731
+        routing = _replay_given_routes(replay, chunks, batches, routes, "update")
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()

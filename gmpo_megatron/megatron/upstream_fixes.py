@@ -58,6 +58,32 @@ def fix_torch_adam_step_restore() -> bool:
     return True
 
 
+_CHECKPOINT_FP8_FIX = [(
+    "    self.fp8 = fp8 is not None",
+    "    self.fp8 = HAVE_TE and fp8 is not None",
+)]
+
+
+def fix_checkpoint_without_output_fp8() -> bool:
+    """megatron-core 0.16.1 ``CheckpointWithoutOutput(fp8=False)`` sets ``self.fp8 = fp8 is not
+    None``, True for its default, so its forward asks TE's ``FP8GlobalStateManager`` whether FP8 is
+    on: with TE that is a harmless run-time query, without TE a ``NameError`` in every
+    output-discarding recompute (``train.recompute_modules: [layernorm]``). Without TE there is no
+    FP8, so the flag is made False there; with TE the code is unchanged. patches/README.md has the
+    file. Returns True when this call applied the fix."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    init = tp_random.CheckpointWithoutOutput.__init__
+    if tp_random.HAVE_TE or init.__code__.co_filename.startswith("<gmpo"):
+        return False
+    if "HAVE_TE and fp8 is not None" in inspect.getsource(init):  # the patch file is applied
+        return False
+    rewrite_function("megatron.core.tensor_parallel.random", "CheckpointWithoutOutput.__init__",
+                     _CHECKPOINT_FP8_FIX)
+    return True
+
+
 def apply_upstream_fixes() -> None:
     fix_te_general_gemm()
     fix_torch_adam_step_restore()
+    fix_checkpoint_without_output_fp8()

@@ -6,7 +6,7 @@ names on global rank 0 (streaming: one Megatron tensor at a time). Both use the 
 mapping in ``gmpo_megatron.models`` for names and transforms, and the shard metadata Megatron
 attaches to its parameters (``tensor_model_parallel``, ``partition_dim``) for the splits.
 
-Sharding rules (REFERENCE.md §4): column-parallel tensors (QKV, fc1, embedding, output layer) split
+Sharding rules (Megatron-Core's layout; the layout tests of tests/e2e/test_train_cli.py check them): column-parallel tensors (QKV, fc1, embedding, output layer) split
 on dim 0, row-parallel (linear_proj, fc2) on dim 1; the fc1 shard of TP rank r is
 ``[gate_shard_r; up_shard_r]``, not a chunk of ``[gate; up]``; experts use the expert-TP group and
 EP rank r owns global experts ``[r*E/EP, (r+1)*E/EP)``; PP stage s owns a contiguous layer range.
@@ -184,8 +184,9 @@ def _gather_tp(tensor: torch.Tensor, info: ShardInfo) -> torch.Tensor:
     return unshard_tensor(pieces, info)
 
 
-def _stage_tensors(model_chunks) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full (TP- and EP-gathered) tensors of this pipeline stage, under global names.
+def _stage_tensors(model_chunks, experts: bool | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full (TP- and EP-gathered) tensors of this pipeline stage, under global names; only the
+    expert (``experts=True``) or only the non-expert tensors (``False``) when asked.
 
     Collective over the stage's TP / ETP / EP groups: every rank of the stage iterates the same
     parameters in the same order (the live names are identical across those ranks)."""
@@ -195,7 +196,7 @@ def _stage_tensors(model_chunks) -> Iterator[tuple[str, torch.Tensor]]:
     ep = ps.get_expert_model_parallel_world_size()
     for live_name, param, chunk in _live_params(model_chunks):
         info = shard_info(live_name, param, chunk)
-        if info is None:
+        if info is None or (experts is not None and info.is_expert != experts):
             continue
         full = _gather_tp(param.detach(), info)
         if not info.is_expert or ep == 1:
@@ -209,16 +210,16 @@ def _stage_tensors(model_chunks) -> Iterator[tuple[str, torch.Tensor]]:
             yield _EXPERT.sub(f".local_experts.{ep_rank * local_experts + own}.", info.global_name), piece
 
 
-def _stage_metadata(model_chunks) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """(global name, full shape, dtype) of every tensor ``_stage_tensors`` yields, in its order,
-    computed from local shapes (no communication, no gathering)."""
+def _stage_metadata(model_chunks, experts: bool | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(global name, full shape, dtype) of every tensor ``_stage_tensors(model_chunks, experts)``
+    yields, in its order, computed from local shapes (no communication, no gathering)."""
     from megatron.core import parallel_state as ps
 
     ep = ps.get_expert_model_parallel_world_size()
     meta = []
     for live_name, param, chunk in _live_params(model_chunks):
         info = shard_info(live_name, param, chunk)
-        if info is None:
+        if info is None or (experts is not None and info.is_expert != experts):
             continue
         shape = list(param.shape)
         if info.tp_dim is not None:

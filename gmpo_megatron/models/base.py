@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gmpo_megatron.models.hf_config import head_dim
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 # Transformer-Engine spec names -> local spec names (TE fuses the norms into the next linear).
@@ -90,7 +92,7 @@ class QwenMapping:
         self.num_layers = hf_config.num_hidden_layers
         self.num_heads = hf_config.num_attention_heads
         self.num_groups = hf_config.num_key_value_heads
-        self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // self.num_heads
+        self.head_dim = head_dim(hf_config)
         self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
 
     # -- which layers are MoE (dense architectures: none) -----------------------------------

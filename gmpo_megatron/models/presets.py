@@ -5,9 +5,8 @@ parallel layout: GQA, head_dim != hidden / heads, QK-norm, top-k routing with re
 probabilities, untied embeddings.
 
 The full-size presets (``qwen3-30b-a3b``, ``qwen3-235b-a22b``, ``qwen3-32b``, ``qwen2.5-7b``) are
-the public ``config.json`` values of those checkpoints as recorded in REFERENCE.md §3
-(architecture) and in the models' published config files (intermediate_size, rope_theta, rms_norm_eps,
-max_position_embeddings, token ids); nothing is downloaded. ``PUBLIC_CONFIGS`` holds them in the
+the public ``config.json`` values of those checkpoints (architecture, intermediate_size, rope_theta,
+rms_norm_eps, max_position_embeddings, token ids), from the models' published config files; nothing is downloaded. ``PUBLIC_CONFIGS`` holds them in the
 file's own layout (flat ``rope_theta``, ``torch_dtype``); ``examples/moe/configs/write_configs.py``
 writes them to ``examples/moe/configs/<name>/config.json``, the directory a user can point
 ``model.hf_config`` at, and a test checks that the files and the presets agree.

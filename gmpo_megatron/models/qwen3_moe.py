@@ -5,6 +5,7 @@ names them ``mlp.experts.local_experts.{e}.linear_fc{1,2}`` and ``mlp.router``. 
 ``mlp_only_layers`` (or skipped by ``decoder_sparse_step``) are dense.
 """
 
+from gmpo_megatron.models.hf_config import moe_layer_pattern
 from gmpo_megatron.models.qwen3 import Qwen3Mapping
 
 
@@ -12,8 +13,6 @@ class Qwen3MoeMapping(Qwen3Mapping):
     model_type = "qwen3_moe"
 
     def is_moe_layer(self, layer: int) -> bool:
-        from gmpo_megatron.megatron.model_builder import moe_layer_pattern
-
         return moe_layer_pattern(self.config)[layer]
 
     @property

@@ -11,19 +11,23 @@ from gmpo_megatron.rewards.countdown import (
 )
 from gmpo_megatron.rewards.math import MathVerifyReward
 from gmpo_megatron.rewards.registry import (
-    RewardError,
     RewardFn,
     get_reward_fn,
+    ground_truth_check,
     register_reward_fn,
     registered_reward_names,
-    score_batch,
 )
+from gmpo_megatron.rewards.scoring import MAX_ABS_REWARD, BatchScores, RewardError, score_batch
+from gmpo_megatron.rewards.workers import RewardWorkers
 
 __all__ = [
+    "MAX_ABS_REWARD",
+    "BatchScores",
     "ExpressionError",
     "MathVerifyReward",
     "RewardError",
     "RewardFn",
+    "RewardWorkers",
     "answer_text",
     "arithmetic_first_integer_reward",
     "arithmetic_reward",
@@ -31,6 +35,7 @@ __all__ = [
     "evaluate_expression",
     "format_countdown_ground_truth",
     "get_reward_fn",
+    "ground_truth_check",
     "parse_countdown_ground_truth",
     "register_reward_fn",
     "registered_reward_names",

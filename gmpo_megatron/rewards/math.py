@@ -45,16 +45,7 @@ class MathVerifyReward:
         # signal.alarm only exists for the main thread; elsewhere math-verify needs timeouts off.
         timeout = self.timeout_seconds if threading.current_thread() is threading.main_thread() else None
         try:
-            gold = math_verify.parse(
-                "\\boxed{" + ground_truth + "}",
-                extraction_config=[math_verify.LatexExtractionConfig()],
-                parsing_timeout=timeout,
-                raise_on_error=True,
-            )
-            if not gold:
-                gold = math_verify.parse(ground_truth, parsing_timeout=timeout, raise_on_error=True)
-            if not gold:
-                raise ValueError(f"math-verify found no answer in the ground truth {ground_truth!r}")
+            gold = _parse_gold(ground_truth, timeout)
             prediction = math_verify.parse(answer_text(response, extra), parsing_timeout=timeout, raise_on_error=True)
             if not prediction:
                 return 0.0  # no answer in the response: wrong, not a verifier failure
@@ -70,5 +61,36 @@ class MathVerifyReward:
             return 0.0
         return 1.0 if correct else 0.0
 
+    def check_ground_truth(self, ground_truth: str) -> None:
+        """ValueError when math-verify finds no answer in `ground_truth` or times out parsing it
+        (every response to it would score 0.0). Costs one parse (1-25 ms)."""
+        from math_verify.errors import TimeoutException
+
+        timeout = self.timeout_seconds if threading.current_thread() is threading.main_thread() else None
+        try:
+            _parse_gold(ground_truth, timeout)
+        except TimeoutException:
+            raise ValueError(f"math-verify timed out ({self.timeout_seconds} s) parsing the ground truth "
+                             f"{ground_truth[:80]!r}") from None
+        except ValueError:
+            raise
+        except Exception as error:  # noqa: BLE001 - math-verify's own parse errors
+            raise ValueError(f"math-verify cannot parse the ground truth {ground_truth[:80]!r} "
+                             f"({type(error).__name__}: {error})") from None
+
     def reset_counters(self) -> None:
         self.num_calls = self.num_failures = self.num_timeouts = 0
+
+
+def _parse_gold(ground_truth: str, timeout: int | None) -> list:
+    """The ground truth as LaTeX inside `\\boxed{...}`, else math-verify's default extraction."""
+    import math_verify
+
+    gold = math_verify.parse("\\boxed{" + ground_truth + "}",
+                             extraction_config=[math_verify.LatexExtractionConfig()],
+                             parsing_timeout=timeout, raise_on_error=True)
+    if not gold:
+        gold = math_verify.parse(ground_truth, parsing_timeout=timeout, raise_on_error=True)
+    if not gold:
+        raise ValueError(f"math-verify finds no answer in the ground truth {ground_truth!r}")
+    return gold

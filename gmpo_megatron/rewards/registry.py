@@ -1,4 +1,4 @@
-"""Reward functions by name, user reward functions by import path, and checked batch scoring.
+"""Reward functions by name and user reward functions by import path (scoring: scoring.py).
 
 A reward function maps `(response_text, ground_truth, extra) -> float`. `response_text` is the
 decoded response (the answer ends at the eos marker, see `answer.answer_text`), `ground_truth`
@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
-import numbers
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from gmpo_megatron.rewards.arithmetic import arithmetic_first_integer_reward, arithmetic_reward
-from gmpo_megatron.rewards.countdown import countdown_reward
+from gmpo_megatron.rewards.arithmetic import (
+    arithmetic_first_integer_reward,
+    arithmetic_reward,
+    check_arithmetic_ground_truth,
+    check_first_integer_ground_truth,
+)
+from gmpo_megatron.rewards.countdown import countdown_reward, parse_countdown_ground_truth
 from gmpo_megatron.rewards.math import MathVerifyReward
 
 RewardFn = Callable[[str, str, dict[str, Any]], float]
@@ -34,8 +37,14 @@ _REWARD_FACTORIES: dict[str, Callable[[], RewardFn]] = {
 }
 
 
-class RewardError(ValueError):
-    """A reward function misbehaved on a sample (raised, or returned a non-finite / non-number)."""
+# name -> the reward's own ground-truth parser: raises ValueError for a ground truth the reward
+# cannot use, so a bad row is refused when the data is loaded, not steps later in a reward call.
+_GROUND_TRUTH_CHECKS: dict[str, Callable[[], Callable[[str], Any]]] = {
+    "arithmetic": lambda: check_arithmetic_ground_truth,
+    "arithmetic_first_integer": lambda: check_first_integer_ground_truth,
+    "countdown": lambda: parse_countdown_ground_truth,
+    "math": lambda: MathVerifyReward().check_ground_truth,
+}
 
 
 def registered_reward_names() -> list[str]:
@@ -51,6 +60,7 @@ def register_reward_fn(name: str, fn: RewardFn, *, overwrite: bool = False) -> N
     if not callable(fn):
         raise ValueError(f"reward {name!r}: {fn!r} is not callable")
     _REWARD_FACTORIES[name] = lambda: fn
+    _GROUND_TRUTH_CHECKS.pop(name, None)  # a replaced built-in's parser is not fn's
 
 
 def get_reward_fn(name_or_path: str) -> RewardFn:
@@ -65,6 +75,14 @@ def get_reward_fn(name_or_path: str) -> RewardFn:
             )
         return _REWARD_FACTORIES[name_or_path]()
     return _load_user_reward_fn(name_or_path)
+
+
+def ground_truth_check(name_or_path: str) -> Callable[[str], Any] | None:
+    """The reward's ground-truth parser (raises ValueError for a ground truth it cannot use), or
+    None when it has none. A user function offers one as its `check_ground_truth` attribute."""
+    if name_or_path in _GROUND_TRUTH_CHECKS:
+        return _GROUND_TRUTH_CHECKS[name_or_path]()
+    return getattr(get_reward_fn(name_or_path), "check_ground_truth", None)
 
 
 def _load_user_reward_fn(path: str) -> RewardFn:
@@ -97,44 +115,3 @@ def _load_user_reward_fn(path: str) -> RewardFn:
     if not callable(fn):
         raise ValueError(f"reward {path!r} is a {type(fn).__name__}, not a function of (response, ground_truth, extra)")
     return fn
-
-
-def score_batch(
-    fn: RewardFn,
-    responses: Sequence[str],
-    ground_truths: Sequence[str],
-    extras: Sequence[dict[str, Any] | None] | None = None,
-) -> list[float]:
-    """`[fn(responses[i], ground_truths[i], extras[i] or {}) for i]`, each checked to be a finite
-    real number (bools count as 0/1). Raises RewardError naming the sample index and the value
-    for a non-number, a NaN/inf, or an exception from `fn`."""
-    if extras is None:
-        extras = [None] * len(responses)
-    if not (len(responses) == len(ground_truths) == len(extras)):
-        raise ValueError(
-            f"score_batch needs one ground truth and one extra per response; got {len(responses)} "
-            f"responses, {len(ground_truths)} ground truths, {len(extras)} extras"
-        )
-    fn_name = getattr(fn, "__qualname__", type(fn).__name__)
-    rewards = []
-    for index, (response, ground_truth, extra) in enumerate(zip(responses, ground_truths, extras)):
-        try:
-            value = fn(response, ground_truth, extra if extra is not None else {})
-        except Exception as error:
-            raise RewardError(
-                f"reward function {fn_name} raised on sample {index} (ground truth {ground_truth!r}): "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        if not isinstance(value, numbers.Real):
-            raise RewardError(
-                f"reward function {fn_name} returned {value!r} ({type(value).__name__}) for sample {index}; "
-                f"a reward must be a Python float such as 1.0 (convert tensors/arrays with float())"
-            )
-        value = float(value)
-        if not math.isfinite(value):
-            raise RewardError(
-                f"reward function {fn_name} returned {value} for sample {index} (ground truth "
-                f"{ground_truth!r}); rewards must be finite: fix the function or clamp its output"
-            )
-        rewards.append(value)
-    return rewards

@@ -32,7 +32,14 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from gmpo_megatron.rollout.engine import Rollout, SamplingParams
+from gmpo_megatron.rollout.engine import (
+    DiskWeights,
+    EngineHealth,
+    GenerationAborted,
+    Rollout,
+    SamplingParams,
+    WeightSource,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class EmbeddedEngine:
     choice ("grouped_mm", "batched_mm", "eager"); by default transformers picks, except that
     "eager" is used where torch's grouped_mm cannot run (see `_default_experts_implementation`).
     """
+
+    weight_transports = ("tensors", "disk")
 
     def __init__(
         self,
@@ -92,6 +101,7 @@ class EmbeddedEngine:
         self._model = model.to(self.device).eval().requires_grad_(False)
         self._slots, self._tied_names = _checkpoint_slots(self._model, self.config)
         self._weight_version = 0
+        self._abort = False
 
     # -- RolloutEngine -------------------------------------------------------------------------
 
@@ -108,10 +118,26 @@ class EmbeddedEngine:
         self._model = None
         self._slots = {}
 
+    def abort(self) -> None:
+        """Stops the running `generate` at its next decode step (it raises GenerationAborted)."""
+        self._abort = True
+
+    def health(self) -> EngineHealth:
+        alive = self._model is not None
+        return EngineHealth(alive, "in-process transformers model" if alive else "closed")
+
+    def counters(self) -> dict[str, int]:
+        return {}  # nothing in this process retries or restarts
+
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, *, seed: int) -> list[Rollout]:
-        """Samples `sampling.n` responses per prompt; returns them prompt-major."""
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, *, seed: int,
+                 on_result=None) -> list[Rollout]:
+        """Samples `sampling.n` responses per prompt; returns them prompt-major. At most
+        `max_batch_size` requests are in flight (one chunk); `on_result` sees each rollout of a
+        chunk when the chunk finishes. Request (p, s) draws from its own generator seeded from
+        (seed, p, s), so results do not depend on chunking."""
         self._live_model()
+        self._abort = False
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -121,14 +147,19 @@ class EmbeddedEngine:
         rows = [(p, s) for p in range(len(prompt_ids)) for s in range(sampling.n)]
         rollouts: list[Rollout] = []
         for start in range(0, len(rows), self.max_batch_size):
-            rollouts += self._generate_chunk(rows[start : start + self.max_batch_size], prompt_ids, sampling, seed)
+            chunk = self._generate_chunk(rows[start : start + self.max_batch_size], prompt_ids, sampling, seed)
+            for rollout in chunk:
+                rollout.weight_version = self._weight_version
+                if on_result is not None:
+                    on_result(rollout)
+            rollouts += chunk
         return rollouts
 
     @torch.no_grad()
-    def update_weights(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int, partial: bool = False
-    ) -> None:
-        """Loads HF-checkpoint-named tensors into the live model, all or nothing.
+    def update_weights(self, named_tensors: WeightSource, *, version: int, partial: bool = False) -> None:
+        """Loads HF-checkpoint-named tensors (a stream, or a ``DiskWeights`` safetensors
+        directory) into the live model, all or nothing. There is nothing to pause or flush: the
+        engine generates only inside ``generate``.
 
         Every tensor is checked (known name, no duplicate, exact shape, floating point, finite)
         and staged before any is written, so a failed update leaves the model and the version
@@ -145,6 +176,8 @@ class EmbeddedEngine:
                 f"version={version!r}; weight versions must increase: the engine holds version "
                 f"{self._weight_version}, send a larger one"
             )
+        if isinstance(named_tensors, DiskWeights):
+            named_tensors = _read_safetensors_dir(named_tensors.path)
         staged: dict[str, torch.Tensor] = {}
         for name, tensor in named_tensors:
             slot = self._slots.get(name)
@@ -215,6 +248,8 @@ class EmbeddedEngine:
         stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         tokens_per_step, log_probs_per_step, active_per_step = [], [], []
         for step in range(sampling.max_new_tokens):
+            if self._abort:
+                raise GenerationAborted("generation was aborted (EmbeddedEngine.abort())")
             active = ~finished
             tokens, log_probs = _sample_next_tokens(out.logits[:, -1, :].float(), sampling, generators, active)
             tokens_per_step.append(tokens)
@@ -237,9 +272,10 @@ class EmbeddedEngine:
         active = torch.stack(active_per_step, 1).tolist()
         stopped = stopped.tolist()
         rollouts = []
-        for row, (p, _) in enumerate(rows):
+        for row, (p, s) in enumerate(rows):
             length = sum(active[row])  # active steps are a prefix
             rollouts.append(Rollout(
+                sample_index=s,
                 prompt_index=p,
                 prompt_ids=list(prompt_ids[p]),
                 response_ids=tokens[row][:length],
@@ -285,6 +321,21 @@ class EmbeddedEngine:
         return (f"unknown tensor {name!r}: not a weight of this {self.config.model_type} model under HF checkpoint "
                 f"names (e.g. {examples}; {len(self._slots)} in all, see state_dict_hf()); check the "
                 f"Megatron->HF name mapping and the layer/expert counts")
+
+
+def _read_safetensors_dir(path) -> Iterable[tuple[str, torch.Tensor]]:
+    """Every tensor of the ``*.safetensors`` files of a directory, file by file."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"weight directory {str(path)!r} holds no *.safetensors file")
+    for file in files:
+        with safe_open(str(file), framework="pt") as reader:
+            for name in reader.keys():
+                yield name, reader.get_tensor(name)
 
 
 def _default_experts_implementation(config, dtype: torch.dtype) -> str | None:

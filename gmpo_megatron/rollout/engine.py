@@ -1,12 +1,28 @@
-"""The rollout-engine interface: what the trainer asks of any generator (embedded, SGLang, vLLM)."""
+"""The rollout-engine interface: what the trainer asks of any generator (embedded, SGLang, vLLM).
+
+An engine is either a model in this process (``EmbeddedEngine``) or a fleet of servers
+(``SGLangEngine``); the trainer drives both through ``RolloutEngine``:
+
+- ``generate`` submits every ``prompts x n`` request at once, each with its own sampling seed
+  (``request_seed``), keeps at most the engine's bound in flight, collects results as they finish
+  (``on_result`` sees them in completion order) and returns them prompt-major;
+- ``abort`` stops what is in flight (``generate`` then raises ``GenerationAborted``);
+- ``update_weights(weights, version=V)`` is the weight-update lifecycle: pause generation, load
+  version V, flush the prefix cache, continue; ``weights`` is a stream of HF-checkpoint-named
+  tensors or a ``DiskWeights`` directory, as the engine's ``weight_transports`` say;
+- ``health`` probes the engine; ``counters`` are its cumulative fault counts (retries, restarts,
+  resubmitted requests), logged per step; ``close`` releases it (and stops servers it started).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Union, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -63,23 +79,75 @@ class Rollout:
     response_ids: list[int]
     response_log_probs: list[float]
     finish_reason: str  # "stop": a stop token was sampled (it ends response_ids); "length": max_new_tokens reached
-    routed_experts: Any = None  # reserved for routing replay (R3): per-token expert ids, when an engine records them
+    sample_index: int = 0  # which of the prompt's n samples this is
+    routed_experts: Any = None
+    """R3: the experts the engine routed each position through, ``{global MoE layer: [n, top_k]}``
+    for positions ``0 .. n-1`` of ``prompt_ids + response_ids`` (``n = len - 1``: the last token is
+    never fed to the model), uint8/int16 ids; None when the engine was not asked for them."""
+    weight_version: int | None = None  # the engine's weight version that generated it
+
+
+@dataclass(frozen=True)
+class DiskWeights:
+    """A weight update as a directory of HF safetensors (``model.safetensors.index.json`` +
+    shards, per-expert names), written by the trainer for version ``version``."""
+
+    path: Path
+    version: int
+
+
+WeightSource = Union[Iterable[tuple[str, torch.Tensor]], DiskWeights]
+
+
+class GenerationAborted(RuntimeError):
+    """``generate`` was stopped by ``abort()``."""
+
+
+@dataclass
+class EngineHealth:
+    healthy: bool
+    detail: str = ""
+    servers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The sampling seed of request (prompt, sample) of a step: a pure function of the three, in
+    [0, 2**63), so a request's seed does not depend on batching, server or arrival order."""
+    state = np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) >> 1
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, *, seed: int) -> list[Rollout]:
+    weight_transports: tuple[str, ...]
+    """What ``update_weights`` accepts: "tensors" (a name/tensor stream), "disk" (DiskWeights)."""
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, *, seed: int,
+                 on_result: Callable[[Rollout], None] | None = None) -> list[Rollout]:
         """`len(prompt_ids) * sampling.n` rollouts, prompt-major: prompt i's n samples are
-        contiguous at [i * n, (i + 1) * n). The same seed, weights and inputs give the same rollouts."""
+        contiguous at [i * n, (i + 1) * n). Request (i, s) samples with `request_seed(seed, i, s)`;
+        engines that honour seeds exactly (embedded) give the same rollouts for the same seed,
+        weights and inputs. `on_result` is called with each rollout as it finishes."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int) -> None:
-        """Loads tensors named as in the HF checkpoint (per-expert names for MoE); `version` must
-        be greater than `weight_version`. Unknown names, wrong shapes and missing tensors are errors."""
+    def abort(self) -> None:
+        """Stop every request in flight (thread-safe); the running `generate` raises GenerationAborted."""
+        ...
+
+    def update_weights(self, weights: WeightSource, *, version: int) -> None:
+        """Pause generation, load `weights` (HF checkpoint names, per-expert for MoE) as `version`,
+        flush the prefix cache, continue. `version` must be greater than `weight_version`. Unknown
+        names, wrong shapes, missing tensors and a version the engine does not confirm are errors."""
         ...
 
     @property
     def weight_version(self) -> int: ...
+
+    def health(self) -> EngineHealth: ...
+
+    def counters(self) -> dict[str, int]:
+        """Cumulative fault counts since the engine started (e.g. retries, restarts)."""
+        ...
 
     def close(self) -> None: ...
 

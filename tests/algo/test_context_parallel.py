@@ -7,6 +7,7 @@ import torch
 from gmpo_megatron.algo.context_parallel import (
     cp_chunk_positions,
     gather_from_context_parallel,
+    merge_disjoint_over_context_parallel,
     packed_cp_positions,
 )
 from gmpo_megatron.algo.policy_loss import local_normalizer, policy_loss
@@ -72,4 +73,42 @@ def test_cp_gathered_loss_equals_unsplit_loss_and_gradients(mode, cp):
         assert torch.allclose(result["loss"], loss.detach(), rtol=0, atol=1e-12)  # every rank: full loss
         full_grad[:, result["positions"]] += result["grad"]
     # each rank's gradient covers only its own positions; their sum is the unsplit gradient
+    assert torch.allclose(full_grad, log_prob.grad, rtol=0, atol=1e-12)
+
+
+def _owner(shape, cp, seed):
+    """A random owner rank per entry: uneven counts per rank (as response tokens fall unevenly)."""
+    return torch.randint(0, cp, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _merge_worker(rank, world_size, mode, seed):
+    batch = random_batch(seed, batch=5, length=7, scale=MODE_SCALE[mode])
+    options = MODE_OPTIONS[mode]
+    owned = _owner(batch["log_prob"].shape, world_size, seed) == rank
+    mine = batch["log_prob"][owned].clone().requires_grad_(True)
+    part = torch.zeros_like(batch["log_prob"]).masked_scatter(owned, mine)
+    log_prob = merge_disjoint_over_context_parallel(part, None)
+    normalizer = local_normalizer(mode, batch["response_mask"], **options)
+    loss, _ = policy_loss(mode, log_prob, batch["old_log_prob"], batch["advantages"], batch["response_mask"],
+                          normalizer=normalizer, **options)
+    loss.backward()
+    return {"loss": loss.detach(), "grad": mine.grad, "owned": owned, "merged": log_prob.detach()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["gmpo", "grpo"])
+def test_cp_merged_uneven_parts_give_the_unsplit_loss_and_gradients(mode):
+    seed, cp = 7, 2
+    batch = random_batch(seed, batch=5, length=7, scale=MODE_SCALE[mode])
+    log_prob = batch["log_prob"].clone().requires_grad_(True)
+    loss, _ = policy_loss(mode, log_prob, batch["old_log_prob"], batch["advantages"], batch["response_mask"],
+                          **MODE_OPTIONS[mode])
+    loss.backward()
+    results = run_gloo(cp, _merge_worker, mode, seed)
+    assert len({int(r["owned"].sum()) for r in results}) > 1  # the ranks hold different counts
+    full_grad = torch.zeros_like(log_prob)
+    for result in results:
+        assert torch.equal(result["merged"], batch["log_prob"])  # x + 0: bit-exact
+        assert torch.allclose(result["loss"], loss.detach(), rtol=0, atol=1e-12)
+        full_grad[result["owned"]] += result["grad"]
     assert torch.allclose(full_grad, log_prob.grad, rtol=0, atol=1e-12)

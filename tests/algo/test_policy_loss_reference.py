@@ -125,3 +125,33 @@ def test_all_masked_batch_gives_zero_loss_and_zero_grad(mode):
     assert torch.equal(lp.grad, torch.zeros_like(lp))
     values = metrics.to_dict()
     assert math.isnan(values["log_ratio_mean"]) and math.isnan(values["log_ratio_max"])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_log_ratio_percentiles_and_tail_fractions_match_float64_formula(seed):
+    """log_ratio_p*, seq_log_ratio_p* (within the histogram's 0.5% / 1e-9 resolution) and
+    log_ratio_abs_gt_* (exact) against d_t and sum_t d_t / |o_i| computed here in float64."""
+    from gmpo_megatron.algo.metrics import PERCENTILES, LogHistogram, percentile_key
+    from gmpo_megatron.algo.policy_loss import LOG_RATIO_THRESHOLDS
+
+    batch = random_batch(300 + seed, batch=64, length=24, scale=0.6)
+    _, metrics = policy_loss("gmpo", **batch)
+    out = metrics.to_dict()
+    mask = batch["response_mask"]
+    d = batch["log_prob"].double() - batch["old_log_prob"].double()
+    tokens = d[mask]
+    rows = mask.any(-1)
+    seq = torch.where(mask, d, 0.0).sum(-1)[rows] / mask.sum(-1)[rows]
+
+    def nearest_rank(values, pct):
+        ordered = values.sort().values
+        return float(ordered[max(1, math.ceil(pct / 100 * ordered.numel())) - 1])
+
+    for name, values in (("log_ratio", tokens), ("seq_log_ratio", seq)):
+        for pct in PERCENTILES:
+            exact, got = nearest_rank(values, pct), out[percentile_key(name, pct)]
+            assert abs(got - exact) <= LogHistogram.REL_TOL * (1 + 1e-9) * abs(exact) + LogHistogram.MIN_ABS
+    for threshold in LOG_RATIO_THRESHOLDS:
+        expected = float((tokens.abs() > threshold).double().mean())
+        assert out[f"log_ratio_abs_gt_{threshold:g}"] == pytest.approx(expected, rel=1e-12)
+    assert 0 < out["log_ratio_abs_gt_1"] < out["log_ratio_abs_gt_0.1"] < 1  # the batch covers the tails

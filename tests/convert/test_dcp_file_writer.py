@@ -255,3 +255,38 @@ def test_durable_writer_raises_a_failed_background_sync():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_direct_records_are_checked_against_torch_save_once_per_process():
+    from gmpo_megatron.convert import dcp_file_writer
+
+    dcp_file_writer.direct_records_match_torch_save.cache_clear()
+    assert dcp_file_writer.direct_records_match_torch_save() is True
+    assert dcp_file_writer.direct_records_match_torch_save.cache_info().misses == 1
+    dcp_file_writer.direct_records_match_torch_save()
+    assert dcp_file_writer.direct_records_match_torch_save.cache_info().hits >= 1
+
+
+def test_a_torch_whose_archives_differ_falls_back_to_torchs_writer(hf_models, tmp_path, monkeypatch):
+    """If torch.save's archive ever differs from our records, the import writes with torch's own
+    FileSystemWriter (same checkpoint, slower) instead of writing records torch would not read."""
+    from gmpo_megatron.convert import dcp_file_writer, torch_dist_writer
+    from gmpo_megatron.convert.hf_to_megatron import convert_hf_to_megatron
+    from gmpo_megatron.convert.verify import verify_weights
+
+    reference = dcp_file_writer.torch_save_archive
+    monkeypatch.setattr(dcp_file_writer, "torch_save_archive", lambda tensor: reference(tensor) + b"\0")
+    dcp_file_writer.direct_records_match_torch_save.cache_clear()
+
+    def refuse(path):
+        raise AssertionError("DirectFileWriter used although its records differ from torch.save's")
+
+    monkeypatch.setattr(torch_dist_writer, "DirectFileWriter", refuse)
+    try:
+        with pytest.warns(UserWarning, match="torch.save archives differ .*FileSystemWriter"):
+            out = convert_hf_to_megatron(hf_models["qwen3_moe"], str(tmp_path / "mcore"), writer="stream",
+                                         log=lambda message: None)
+        report = verify_weights(hf_models["qwen3_moe"], megatron_dir=out)
+        assert report.passed and report.compared > 0
+    finally:
+        dcp_file_writer.direct_records_match_torch_save.cache_clear()

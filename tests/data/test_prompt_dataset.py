@@ -181,3 +181,73 @@ def test_json_array_file_with_mixed_types_is_read_exactly(tmp_path, tokenizer):
     dataset = load(str(path), tokenizer)
     assert dataset.ground_truths == ["3", "4"]
     assert [tokenizer.decode(ids) for ids in dataset.prompt_ids] == ["1+2=", "2+2="]
+
+
+@pytest.mark.parametrize("reward, good, bad, problem", [
+    ("arithmetic", "-3", "3.5", "'3.5' is not an integer"),
+    ("arithmetic_first_integer", "7", "-7", "'-7' is not a non-negative integer"),
+    ("countdown", "3,5,7->12", "3,5,7=12", "'3,5,7=12' is neither"),
+    ("math", "\\frac{1}{2}", " ", "math-verify finds no answer in"),
+])
+def test_ground_truths_the_reward_cannot_parse_are_refused_at_load_naming_file_and_row(
+        tmp_path, tokenizer, reward, good, bad, problem):
+    from gmpo_megatron.rewards import ground_truth_check
+
+    path = write_jsonl(tmp_path / "data.jsonl", [{"prompt": "1+1=", "ground_truth": good},
+                                                 {"prompt": "2+2=", "ground_truth": bad}])
+    with pytest.raises(DatasetError, match=rf"data.jsonl: row 1, column 'ground_truth': .*{problem}.*reward.fn"):
+        load(path, tokenizer, check_ground_truth=ground_truth_check(reward))
+    assert len(load(path, tokenizer)) == 2  # without a check (a reward with no parser) the rows load
+
+
+def test_a_batch_larger_than_the_dataset_warns_once_with_both_numbers(tmp_path, tokenizer):
+    import warnings
+
+    dataset = load(write_jsonl(tmp_path / "three.jsonl", [{"prompt": f"{i}+1=", "ground_truth": "1"} for i in range(3)]),
+                   tokenizer)
+    with pytest.warns(UserWarning, match=r"batch of 5 prompts .* 3 rows"):
+        batch = next(dataset.batches(5, seed=0))
+    assert set(batch.indices) == {0, 1, 2} and len(batch.indices) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        next(dataset.batches(5, seed=0, start_index=batch.end_position))  # once: no second warning
+        next(dataset.batches(3, seed=0))
+
+
+GOOD_LINE = json.dumps({"prompt": "1+1=", "ground_truth": "2"})
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", "", r"empty\.jsonl: the file is empty \(0 bytes\)"),
+    ("blank.jsonl", "\n  \n", r"blank\.jsonl: the file holds no rows"),
+    ("empty.parquet", "", r"empty\.parquet: the file is empty \(0 bytes\)"),
+    ("zero.parquet", "zero-rows", r"zero\.parquet: the parquet file has 0 rows"),
+    ("junk.parquet", "not parquet at all", r"junk\.parquet: not a parquet file"),
+    ("broken.jsonl", f"{GOOD_LINE}\n{GOOD_LINE}\n" + '{"prompt": "2+2=", "ground_truth": "4"\n',
+     r"broken\.jsonl: line 3 is not valid JSON \(.*\); write one JSON object per line"),
+    ("list.jsonl", f"{GOOD_LINE}\n[1, 2]\n", r"list\.jsonl: line 2 is a JSON list, not an object"),
+])
+def test_empty_and_unreadable_files_are_one_clear_line_naming_file_and_line(tmp_path, tokenizer, name, content, message):
+    path = tmp_path / name
+    if content == "zero-rows":
+        pq.write_table(pa.Table.from_pylist([], schema=pa.schema([("prompt", pa.string()), ("ground_truth", pa.string())])),
+                       str(path))
+    else:
+        path.write_text(content)
+    with pytest.raises(DatasetError, match=message) as error:
+        load(str(path), tokenizer)
+    assert "\n" not in str(error.value) and "same type in every row" not in str(error.value)
+
+
+def test_the_generated_task_file_is_not_reused_for_other_task_settings(tmp_path):
+    """A relaunch into the same output_dir with another data.num_rows or task option generates
+    its own file instead of silently reading the old one."""
+    from gmpo_megatron.components import load_dataset
+    from gmpo_megatron.config import load_config
+    from gmpo_megatron.data.tokenizer import build_task_tokenizer
+
+    tokenizer = build_task_tokenizer()
+    small = load_dataset(load_config("examples/moe/tiny_cpu.yaml", ["data.num_rows=50"]), tokenizer, tmp_path, 0)
+    large = load_dataset(load_config("examples/moe/tiny_cpu.yaml", ["data.num_rows=80"]), tokenizer, tmp_path, 0)
+    assert (len(small), len(large)) == (50, 80)
+    assert len(list((tmp_path / "data").glob("arithmetic_seed1_*.parquet"))) == 2

@@ -63,7 +63,8 @@ def check_ep2() -> dict:
     from gmpo_megatron.megatron.model_builder import BuildOptions, build_model
     from gmpo_megatron.megatron.parallel import init_distributed
     from gmpo_megatron.megatron.routing_replay import RoutingReplay, moe_routers
-    from gmpo_megatron.megatron.sequence_routes import all_gather_sequence_routes
+    from gmpo_megatron.megatron import step_data
+    from gmpo_megatron.rollout.batch import BatchShape
     from gmpo_megatron.models.presets import tiny_qwen3_moe
 
     layout = init_distributed(ep=2, etp=1, seed=0)
@@ -79,8 +80,13 @@ def check_ep2() -> dict:
     reduced = load.metrics()  # world reduction: both ranks' tokens
     totals = {layer: int(c.sum()) for layer, c in
               reduce_expert_load(load.counts(), model.config.num_layers, EXPERTS).items()}
-    everyone = all_gather_sequence_routes({rank * ROWS + j: r for j, r in enumerate(mine)},
-                                          ps.get_data_parallel_group())
+    # the trainer's R2 exchange: each DP rank recorded its ROWS samples, both need all of them
+    counts = torch.tensor([n for _, _, n in SPANS] * 2)
+    shape = BatchShape(torch.zeros_like(counts), counts)
+    owned = [list(range(ROWS)), list(range(ROWS, 2 * ROWS))]
+    everyone = step_data.exchange_sequence_routes(
+        {rank * ROWS + j: r for j, r in enumerate(mine)}, shape, owned, [list(range(2 * ROWS))] * 2,
+        replay.layers, replay.top_k, replay.dtype, step_data.data_groups(torch.device("cpu")))
     replay.clear()
 
     _perturb(model)

@@ -1,6 +1,7 @@
 """Rewards: arithmetic, countdown (own parser, no eval), math (math-verify), registry, score_batch."""
 
 import builtins
+import re
 import sys
 from fractions import Fraction
 
@@ -191,7 +192,7 @@ def test_bad_user_function_paths_are_refused_clearly(user_module):
 
 
 def test_score_batch_returns_floats_in_order():
-    rewards = score_batch(get_reward_fn("arithmetic"), ["1", "2", "x"], ["1", "3", "4"], [{}, None, {}])
+    rewards = score_batch(get_reward_fn("arithmetic"), ["1", "2", "x"], ["1", "3", "4"], [{}, None, {}]).rewards
     assert rewards == [1.0, 0.0, 0.0] and all(type(r) is float for r in rewards)
 
 
@@ -211,3 +212,15 @@ def test_score_batch_refuses_non_finite_or_non_number_rewards_naming_the_sample(
 def test_score_batch_refuses_mismatched_lengths():
     with pytest.raises(ValueError, match="2 responses, 1 ground truths"):
         score_batch(get_reward_fn("arithmetic"), ["1", "2"], ["1"])
+
+
+def test_score_batch_refuses_a_reward_beyond_the_magnitude_bound_naming_sample_and_value():
+    """1e308 is finite, but the group mean of a few of them overflows to inf and the step would end
+    as 'loss is nan': refuse it where it is made, naming the sample and the value."""
+    from gmpo_megatron.rewards import MAX_ABS_REWARD
+
+    huge = lambda response, ground_truth, extra: 1e308 if response == "big" else 1.0  # noqa: E731
+    with pytest.raises(RewardError, match=r"returned 1e\+308 for sample 1 \(ground truth '7'.*"
+                                          r"\|reward\| <= " + re.escape(f"{MAX_ABS_REWARD:g}")):
+        score_batch(huge, ["ok", "big"], ["1", "7"])
+    assert score_batch(lambda r, g, e: -MAX_ABS_REWARD, ["a"], ["1"]).rewards == [-MAX_ABS_REWARD]
