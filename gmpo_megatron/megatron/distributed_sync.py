@@ -135,10 +135,15 @@ class DistributedWeightSync:
 
         error = None
         stage, stages = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
-        for turn in range(stages):
-            if turn == stage:
-                error = self._send_stage(stage, stage == stages - 1, targets, token, version)
-            _raise_any(error, f"weight update to version {version} (pipeline stage {turn})")
+        try:
+            for turn in range(stages):
+                if turn == stage:
+                    error = self._send_stage(stage, stage == stages - 1, targets, token, version)
+                _raise_any(error, f"weight update to version {version} (pipeline stage {turn})")
+        except Exception as caught:
+            if rank == 0:  # a server that died mid-broadcast is the cause to report, not the socket
+                engine.raise_if_a_server_died(version, caught)
+            raise
 
         error = None
         if rank == 0:

@@ -254,13 +254,53 @@ class SGLangEngine:
         if not isinstance(version, int) or version <= self._version:
             raise ValueError(f"version={version!r}; weight versions must increase: the servers hold "
                              f"version {self._version}")
-        return self._run(begin_update([s.client for s in self._servers if s.healthy]))
+        return self._run(self._begin_distributed())
+
+    async def _begin_distributed(self):
+        """``begin_update`` on the healthy servers. A launched server found dead (before or while
+        the session opens) is restarted from the disk weights when a directory holds the current
+        version, once, and the session opened again; otherwise ``_recover`` says why it cannot be."""
+        from gmpo_megatron.rollout.sglang_distributed import begin_update
+
+        for attempt in range(2):
+            for server in self._dead_launched():
+                await self._recover(server)
+            try:
+                return await begin_update([s.client for s in self._servers if s.healthy])
+            except ServerUnavailable:
+                if attempt or not self._dead_launched():
+                    raise
+        raise AssertionError("unreachable")
 
     def end_distributed_update(self, version: int) -> None:
         from gmpo_megatron.rollout.sglang_distributed import end_update
 
-        self._run(end_update([s.client for s in self._servers if s.healthy], version))
+        try:
+            self._run(end_update([s.client for s in self._servers if s.healthy], version))
+        except SGLangError as error:
+            self.raise_if_a_server_died(version, error)
+            raise
         self._version, self._weights = version, None  # no directory holds these weights
+
+    def raise_if_a_server_died(self, version: int, error: BaseException) -> None:
+        """After a distributed update to ``version`` failed with ``error``: when a launched server
+        died, that is the cause, and the run cannot go on (the half-sent weights are held by no
+        directory to restart it from); raise that. Returns when every launched server is alive."""
+        dead = self._dead_launched()
+        if not dead:
+            return
+        for server in dead:
+            server.healthy = False
+        server = dead[0]
+        raise SGLangError(
+            f"SGLang server {server.url} died (exit code {server.process.exit_code()}) during the weight "
+            f"update to version {version} ({type(error).__name__}: {str(error)[:300]}); the weights came by "
+            "rollout.sglang.weight_sync=distributed, so no directory holds them to restart it from: use "
+            f"weight_sync=disk to have servers restarted. Its log ends with:\n{server.process.log_tail()}"
+        ) from None
+
+    def _dead_launched(self) -> list[_Server]:
+        return [s for s in self._servers if s.healthy and s.process is not None and not s.process.alive()]
 
     def health(self) -> EngineHealth:
         return self._run(self._health())

@@ -174,3 +174,54 @@ def test_two_servers_in_one_group_both_take_every_bucket(moe, second_moe):
         assert sender.close() == []
         engine.close()
 
+
+@pytest.mark.slow
+def test_a_launched_server_found_dead_at_the_next_update_is_restarted_from_disk_or_refused(tmp_path):
+    """Launched servers: found dead when a distributed update begins, a server whose current
+    weights a directory holds (the boot version) is restarted from it and the update goes on;
+    once the weights came by broadcast, no directory holds them and the error says so."""
+    import os
+    import signal
+    import time
+
+    from sglang_support import SGLANG_PYTHON, tiny_dense_qwen3_config, write_hf_model_dir
+
+    from gmpo_megatron.rollout.engine import DiskWeights
+    from gmpo_megatron.rollout.sglang_launch import ServerSpec, free_port, live_group_members
+
+    hf_config = tiny_dense_qwen3_config()
+    model_dir, model, _ = write_hf_model_dir(tmp_path / "model", hf_config, seed=5)
+    spec = ServerSpec(python=SGLANG_PYTHON, host="127.0.0.1", port=free_port(), dtype="float32",
+                      context_length=256, max_total_tokens=4096, mem_fraction_static=0.3, cpu=True,
+                      log_path=tmp_path / "server.log")
+    engine = SGLangEngine(launch=[spec])
+    sender = None
+
+    def kill():
+        pid = int((tmp_path / "server.pid").read_text())
+        os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while live_group_members(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    try:
+        engine.update_weights(DiskWeights(model_dir, 1), version=1)
+        kill()
+        targets = engine.begin_distributed_update(2)  # restarted from the boot directory, then begun
+        assert engine.counters()["sglang_restarts"] == 1
+        sender = StageSender(targets, "gmpo-test-restart", bucket_bytes=BUCKET_BYTES, timeout_s=300)
+        sender.open()
+        state = {k: v.contiguous() for k, v in checkpoint_state_dict(random_model(hf_config, 6)).items()}
+        specs = [WeightSpec(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+        sender.send(specs, iter((s.name, state[s.name]) for s in specs), final_version="2")
+        engine.end_distributed_update(2)
+        assert engine.weight_version == 2
+        assert (tmp_path / "server.log").read_text().count("=== start") == 2
+
+        kill()
+        with pytest.raises(SGLangError, match="weight_sync=distributed, so no directory holds them"):
+            engine.begin_distributed_update(3)
+    finally:
+        if sender is not None:
+            sender.close()
+        engine.close()
