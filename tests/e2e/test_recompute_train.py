@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train_cli import LAYOUT_LR, export_hf, metrics, run_train, updates  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def no_recompute_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("no_recompute")
-    result = run_train(root / "run", "train.steps=2", *LAYOUT_LR)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return metrics(root / "run"), export_hf(root / "run", root / "hf")
-
+from test_train_cli import (LAYOUT_LR, export_hf, metrics, run_train,  # noqa: E402
+                            single_process_run as no_recompute_run, updates)
 
 CASES = {
     # name: (processes, overrides, tolerance on loss and grad norm (relative) / on weights)
